@@ -1,0 +1,43 @@
+# Two commands do everything on a fresh machine: `make train` and `make test`.
+# Each creates .venv (torch first, so pip never swaps in a different torch build), installs the
+# package editable (building the C++ extension) and then runs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.llama3hp-installed
+CONFIG ?= tiny
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: env train test bench lint cpp-test clean
+
+env: $(STAMP)
+
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade "setuptools>=64" wheel "pybind11>=2.12"
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev]"
+	@$(BIN)/python -c "import llama3hp, torch; print('llama3hp', llama3hp.__version__, '| torch', torch.__version__, '| C++ index builder:', 'yes' if llama3hp.has_cpp_ext() else 'no (Python fallback)')"
+	@touch $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/llama3hp train --config $(CONFIG) $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS) tests
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run_all --quick
+
+cpp-test:
+	cmake -S . -B build/cpp -DCMAKE_BUILD_TYPE=Release >/dev/null
+	cmake --build build/cpp -j 2
+	cd build/cpp && ctest --output-on-failure
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf build *.egg-info llama3hp/_C*.so

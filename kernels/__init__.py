@@ -1,0 +1,31 @@
+"""llama3hp.kernels: the fused ops the model calls.
+
+Each op lives in one module with its Triton kernels, its autograd Function and its plain-PyTorch
+reference (`*_ref`). The public function dispatches by `backend` ("auto" | "triton" | "torch",
+see `dispatch.py`): Triton on CUDA, the reference elsewhere.
+"""
+
+from llama3hp.kernels.attention import attention, attention_ref, document_ids
+from llama3hp.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+from llama3hp.kernels.dispatch import BACKENDS, check_backend, triton_available, use_triton
+from llama3hp.kernels.rmsnorm import rms_norm, rms_norm_ref
+from llama3hp.kernels.rope import apply_rope, apply_rope_ref
+from llama3hp.kernels.swiglu import swiglu, swiglu_ref
+
+__all__ = [
+    "BACKENDS",
+    "apply_rope",
+    "apply_rope_ref",
+    "attention",
+    "attention_ref",
+    "check_backend",
+    "document_ids",
+    "linear_cross_entropy",
+    "linear_cross_entropy_ref",
+    "rms_norm",
+    "rms_norm_ref",
+    "swiglu",
+    "swiglu_ref",
+    "triton_available",
+    "use_triton",
+]

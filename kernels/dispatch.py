@@ -1,0 +1,42 @@
+"""Picks the implementation of a fused op: Triton on CUDA tensors, the PyTorch reference elsewhere.
+
+`backend` is one of:
+- "auto": Triton when every tensor is on CUDA and Triton imports, else the reference;
+- "triton": always Triton (on CPU this needs TRITON_INTERPRET=1: that is how tests run kernels);
+- "torch": always the plain-PyTorch reference (the baseline a config flag can switch to).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def use_triton(backend: str, *tensors: torch.Tensor | None) -> bool:
+    """Whether an op called with `backend` on `tensors` should launch its Triton kernel."""
+    check_backend(backend)
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' requested but triton is not installed: pip install triton")
+        return True
+    return triton_available() and all(t.is_cuda for t in tensors if t is not None)

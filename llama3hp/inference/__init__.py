@@ -1,0 +1,1 @@
+"""llama3hp.inference."""
