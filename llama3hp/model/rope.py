@@ -1,0 +1,31 @@
+"""RoPE inverse frequencies with Llama 3.1's frequency scaling."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from llama3hp.model.args import ModelArgs
+
+
+def rope_inv_freq(args: ModelArgs, device: torch.device | str | None = None) -> torch.Tensor:
+    """inv_freq [head_dim/2] fp32: theta^(-2i/d), with Llama 3.1 scaling when args.rope_scaling.
+
+    Scaling (per frequency f, wavelength w = 2*pi/f, original context L):
+    w < L/high_factor: kept; w > L/low_factor: f/scale_factor; in between a linear blend with
+    smooth = (L/w - low_factor) / (high_factor - low_factor): (1 - smooth) * f/scale + smooth * f.
+    Computed in float64 and rounded once to fp32.
+    """
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    if args.rope_scaling:
+        L = args.rope_original_max_seq_len
+        lo, hi, scale = args.rope_low_freq_factor, args.rope_high_freq_factor, args.rope_scale_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (L / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * inv_freq / scale + smooth * inv_freq
+        inv_freq = torch.where(
+            wavelen < L / hi, inv_freq, torch.where(wavelen > L / lo, inv_freq / scale, blended)
+        )
+    return inv_freq.to(device=device, dtype=torch.float32)
