@@ -28,9 +28,7 @@ except ImportError:  # pybind11 missing: the Python fallback serves
     ext_modules = []
 
 packages = [p for p in find_packages(include=["llama3hp", "llama3hp.*"])]
-packages += ["llama3hp.kernels"] + [
-    "llama3hp.kernels." + p for p in find_packages(where="kernels")
-]
+packages += ["llama3hp.kernels"] + ["llama3hp.kernels." + p for p in find_packages(where="kernels")]
 
 setup(
     name="llama3hp",
