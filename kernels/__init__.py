@@ -5,7 +5,15 @@ reference (`*_ref`). The public function dispatches by `backend` ("auto" | "trit
 see `dispatch.py`): Triton on CUDA, the reference elsewhere.
 """
 
-from llama3hp.kernels.attention import attention, attention_ref, document_ids
+from llama3hp.kernels.attention import (
+    CPQuerySegments,
+    attention,
+    attention_ref,
+    attention_varlen,
+    attention_varlen_ref,
+    build_cp_query_segments,
+    document_ids,
+)
 from llama3hp.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 from llama3hp.kernels.dispatch import BACKENDS, check_backend, triton_available, use_triton
 from llama3hp.kernels.rmsnorm import rms_norm, rms_norm_ref
@@ -14,6 +22,10 @@ from llama3hp.kernels.swiglu import swiglu, swiglu_ref
 
 __all__ = [
     "BACKENDS",
+    "CPQuerySegments",
+    "attention_varlen",
+    "attention_varlen_ref",
+    "build_cp_query_segments",
     "apply_rope",
     "apply_rope_ref",
     "attention",
