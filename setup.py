@@ -4,10 +4,16 @@
   with an existing PyPI package).
 - `llama3hp._C` (pybind11, CPU-only C++: data index builders) is an optional extension: if it
   fails to compile, setuptools prints one warning and the pure-Python fallback is used.
-- torch is never imported here, so building needs no torch (and pip never pulls a CUDA torch).
+- `llama3hp._fp8_cuda` (csrc/fp8: the FP8 cast+transpose kernel) is built only when nvcc is on
+  the PATH (or CUDA_HOME) and the torch importable at build time is a CUDA build; otherwise one
+  line is printed and the Triton kernels serve. It honours MAX_JOBS (ninja) and
+  TORCH_CUDA_ARCH_LIST (default "9.0"). Build it with `pip install -e . --no-build-isolation`.
+- torch is imported only inside that check, so building needs no torch (and pip never pulls a
+  CUDA torch).
 """
 
 import os
+import shutil
 
 from setuptools import find_packages, setup
 
@@ -27,6 +33,41 @@ try:
 except ImportError:  # pybind11 missing: the Python fallback serves
     ext_modules = []
 
+
+def build_fp8_cuda_extension():
+    """(extension list, cmdclass) for llama3hp._fp8_cuda, or ([], {}) with one printed reason."""
+    nvcc = shutil.which("nvcc") or (
+        os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None
+    )
+    if not nvcc or not os.path.exists(nvcc):
+        print("llama3hp: nvcc not found, skipping the optional CUDA extension llama3hp._fp8_cuda")
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    except ImportError:
+        print("llama3hp: torch not importable at build time, skipping the CUDA extension llama3hp._fp8_cuda")
+        return [], {}
+    if torch.version.cuda is None:
+        print(f"llama3hp: torch {torch.__version__} is not a CUDA build, skipping llama3hp._fp8_cuda")
+        return [], {}
+    # Read by torch's BuildExtension when it emits -gencode flags; H100 (sm_90) unless told otherwise.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    ext = CUDAExtension(
+        "llama3hp._fp8_cuda",
+        ["csrc/fp8/binding.cpp", "csrc/fp8/cast_transpose.cu"],
+        include_dirs=[os.path.abspath("csrc/fp8")],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+        optional=True,
+    )
+    # No --use_fast_math: its approximate division would move scales off the recipe by an ulp.
+    # BuildExtension compiles with ninja in parallel, MAX_JOBS jobs at most.
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+cuda_ext_modules, cmdclass = build_fp8_cuda_extension()
+ext_modules += cuda_ext_modules
+
 packages = [p for p in find_packages(include=["llama3hp", "llama3hp.*"])]
 packages += ["llama3hp.kernels"] + ["llama3hp.kernels." + p for p in find_packages(where="kernels")]
 
@@ -42,6 +83,7 @@ setup(
     packages=packages,
     package_dir={"llama3hp.kernels": "kernels"},
     ext_modules=ext_modules,
+    cmdclass=cmdclass,
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
