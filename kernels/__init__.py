@@ -25,7 +25,7 @@ from llama3hp.kernels.fp8_quant import (
     fp8_quantize_rowwise_ref,
     fp8_scale_ref,
 )
-from llama3hp.kernels.rmsnorm import rms_norm, rms_norm_ref
+from llama3hp.kernels.rmsnorm import rms_norm, rms_norm_ref, rms_norm_residual, rms_norm_residual_ref
 from llama3hp.kernels.rope import apply_rope, apply_rope_ref
 from llama3hp.kernels.swiglu import swiglu, swiglu_ref
 
@@ -53,6 +53,8 @@ __all__ = [
     "linear_cross_entropy_ref",
     "rms_norm",
     "rms_norm_ref",
+    "rms_norm_residual",
+    "rms_norm_residual_ref",
     "scaled_mm_rowwise",
     "swiglu",
     "swiglu_ref",

@@ -1,0 +1,66 @@
+"""SwiGLU at the Llama 3 8B/70B FFN widths (14,336 / 28,672): GB/s vs copy bandwidth.
+
+python -m benchmarks.bench_swiglu [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.harness import Benchmark, compiled, import_or_unavailable, run_main
+
+
+def make_inputs(shape: dict, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    n, f = shape["tokens"], shape["ffn"]
+    return {
+        "gate": torch.randn(n, f, device=device, dtype=dtype, requires_grad=True),
+        "up": torch.randn(n, f, device=device, dtype=dtype, requires_grad=True),
+    }
+
+
+def _ours(inp, shape):
+    from llama3hp.kernels.swiglu import swiglu
+
+    return lambda: swiglu(inp["gate"], inp["up"], backend="triton")
+
+
+def _eager(inp, shape, compile_ref=False):
+    from llama3hp.kernels.swiglu import swiglu_ref
+
+    fn = compiled(swiglu_ref, inp["gate"].device) if compile_ref else swiglu_ref
+    return lambda: fn(inp["gate"], inp["up"])
+
+
+def _liger(inp, shape):
+    fn = import_or_unavailable("liger_kernel.ops.swiglu", "LigerSiLUMulFunction")
+    return lambda: fn.apply(inp["gate"], inp["up"])
+
+
+def bytes_moved(shape: dict, mode: str, dtype: torch.dtype) -> float:
+    elems = shape["tokens"] * shape["ffn"] * (torch.finfo(dtype).bits // 8)
+    fwd, bwd = 3 * elems, 5 * elems  # gate, up -> out; gate, up, dout -> dgate, dup
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+BENCH = Benchmark(
+    name="swiglu",
+    shapes=[{"tokens": 16384, "ffn": f} for f in (14336, 28672)],
+    quick_shapes=[{"tokens": 40, "ffn": 300}],
+    make_inputs=make_inputs,
+    providers={
+        "llama3hp": _ours,
+        "torch": _eager,
+        "torch.compile": lambda inp, shape: _eager(inp, shape, compile_ref=True),
+        "liger": _liger,
+    },
+    work=bytes_moved,
+    metric="GB/s",
+)
+
+
+def main(argv: list[str] | None = None):
+    return run_main(BENCH, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Runs every `benchmarks/bench_*.py` module in one process: python -m benchmarks.run_all [--quick] [--out DIR].
+
+Arguments are passed through to each benchmark's `main`. A failing benchmark is reported and the
+others still run; the exit status is non-zero if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+from pathlib import Path
+
+
+def discover() -> list[str]:
+    """Module names of the benchmarks next to this file, sorted."""
+    here = Path(__file__).resolve().parent
+    return sorted(f"benchmarks.{p.stem}" for p in here.glob("bench_*.py"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--only", nargs="+", default=None, help="run only these benchmarks (e.g. rmsnorm rope)"
+    )
+    args, passthrough = parser.parse_known_args(argv)
+    failed = []
+    for name in discover():
+        if args.only and name.removeprefix("benchmarks.bench_") not in args.only:
+            continue
+        print(f"== {name}", flush=True)
+        try:
+            importlib.import_module(name).main(passthrough)
+        except Exception:  # noqa: BLE001 - keep going, report at the end
+            traceback.print_exc()
+            failed.append(name)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The benchmark harness end to end: `run_all --quick` on CPU writes well-formed JSON rows and tables."""
+
+import json
+
+import torch
+
+from benchmarks import harness, run_all
+
+REQUIRED = {"bench", "provider", "mode", "shape", "dtype", "device", "torch", "triton", "date", "command"}
+
+
+def test_run_all_quick_writes_rows_for_every_benchmark(tmp_path):
+    assert run_all.main(["--quick", "--out", str(tmp_path)]) == 0
+    names = [m.removeprefix("benchmarks.bench_") for m in run_all.discover()]
+    assert {"rmsnorm", "rope", "swiglu", "cross_entropy"} <= set(names)
+    for name in names:
+        rows = json.loads((tmp_path / f"{name}.json").read_text())
+        assert rows, name
+        for row in rows:
+            assert REQUIRED <= row.keys(), (name, REQUIRED - row.keys())
+            assert "error" not in row, (name, row["provider"], row["error"])
+        timed = [r for r in rows if "ms" in r]
+        assert {r["provider"] for r in timed} >= {"llama3hp", "torch"}
+        assert {r["mode"] for r in timed} == set(harness.MODES)
+        for r in timed:
+            assert r["ms"] > 0 and r["value"] > 0 and r["frac_of_peak"] > 0
+        table = (tmp_path / f"{name}.md").read_text()
+        assert "| shape | mode | llama3hp ms" in table and "speedup vs torch" in table
+
+
+def test_build_mode_bwd_times_backward_only():
+    x = torch.randn(5, requires_grad=True)
+    calls = []
+
+    def forward():
+        calls.append(1)
+        return x * 2
+
+    bwd = harness.build_mode(forward, "bwd")
+    bwd()
+    bwd()
+    assert len(calls) == 1 and x.grad is not None  # forward ran once, outside the timed closure
+    fwd_bwd = harness.build_mode(forward, "fwd+bwd")
+    fwd_bwd()
+    assert len(calls) == 2
+
+
+def test_markdown_has_target_ratio_columns():
+    rows = [
+        {
+            "shape_str": "n=1",
+            "mode": "fwd",
+            "provider": p,
+            "ms": ms,
+            "value": 1.0,
+            "frac_of_peak": 0.9,
+            "peak_mem_mb": mem,
+        }
+        for p, ms, mem in [("llama3hp", 1.0, 10.0), ("torch", 3.0, 100.0), ("liger", 1.5, 20.0)]
+    ]
+    bench = harness.Benchmark(
+        name="x", shapes=[], quick_shapes=[], make_inputs=None, providers={}, work=None, memory=True
+    )
+    table = harness.markdown_table(bench, rows, {"copy_gbps": 1.0, "matmul_tflops": 1.0})
+    line = [ln for ln in table.splitlines() if ln.startswith("| n=1")][0]
+    assert "3.00x" in line and "1.50x" in line and "10%" in line and "90%" in line
