@@ -1,0 +1,407 @@
+"""Tensor parallelism with sequence parallelism (Megatron-LM style), applied to a built model.
+
+Column-parallel linears (wq, wk, wv, w1, w3, the output head) split output features over the TP
+ranks, row-parallel linears (wo, w2) split input features; the embedding and the head split the
+vocabulary. With sequence parallelism the residual stream and the norms live on sequence shards
+[B, T/tp, D]: an all-gather before the column linears, a reduce-scatter after the row linears.
+Without it they are replicated and the conjugate f/g operators (identity / all-reduce) are used.
+
+`tp_overlap` replaces "all-gather, then GEMM" by `AllGatherMatmul` (and "GEMM, then reduce-scatter"
+by `MatmulReduceScatter`): the sequence shard is cut into chunks whose collectives are launched
+asynchronously and pipelined with the GEMMs of the previous chunk (async TP / userbuffers idea).
+Both paths compute the same rows with the same GEMMs, so results agree to float32 rounding.
+
+Shape legend: B rows, T tokens per row (after CP), S = T/tp tokens of a sequence shard, D model dim,
+O output features of a local shard, V_l local vocabulary shard, N = B*T.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import llama3hp.kernels as K
+from llama3hp.parallel.comm import (
+    all_gather_dim,
+    all_gather_single,
+    all_reduce,
+    group_rank,
+    group_size,
+    reduce_scatter_dim,
+    reduce_scatter_single,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Named communication operators
+
+
+class CopyToTP(torch.autograd.Function):
+    """f: forward identity, backward all-reduce over TP (input of column linears without SP)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous().clone()
+        all_reduce(g, ctx.group)
+        return g, None
+
+
+class ReduceFromTP(torch.autograd.Function):
+    """g: forward all-reduce over TP, backward identity (output of row linears without SP)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous().clone()
+        all_reduce(x, group)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class GatherFromSP(torch.autograd.Function):
+    """Forward all-gather the sequence shards (dim 1), backward reduce-scatter the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_gather_dim(x, 1, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return reduce_scatter_dim(g, 1, ctx.group), None
+
+
+class ReduceScatterToSP(torch.autograd.Function):
+    """Forward reduce-scatter partial sums to sequence shards (dim 1), backward all-gather."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return reduce_scatter_dim(x, 1, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return all_gather_dim(g, 1, ctx.group), None
+
+
+class AllGatherMatmul(torch.autograd.Function):
+    """Forward: y_k = all_gather(x) @ W_k.T with the gather of chunk c+1 in flight during the GEMMs of
+    chunk c. Backward: dx = reduce_scatter(sum_k dy_k @ W_k), each chunk's reduce-scatter in flight
+    during the next chunk's GEMMs; dW_k = dy_k.T @ all_gather(x) (the gathered x is kept).
+
+    x: [B, S, D] sequence shard; weights W_k: [O_k, D]. Returns y_k: [B, tp*S, O_k].
+    """
+
+    @staticmethod
+    def forward(ctx, x, group, n_chunks, *weights):
+        tp = group_size(group)
+        B, S, D = x.shape
+        s = S // n_chunks
+        pieces = [x[:, c * s : (c + 1) * s].contiguous() for c in range(n_chunks)]
+        # Single-tensor collectives take [tp * B, ...] buffers; viewed as [tp, B, s, D] after.
+        bufs = [x.new_empty(tp * B, s, D) for _ in range(n_chunks)]
+        start = lambda c: all_gather_single(bufs[c], pieces[c], group=group, async_op=True)
+        x_full = x.new_empty(B, tp, n_chunks, s, D)
+        outs = [x.new_empty(B, tp, n_chunks, s, w.shape[0]) for w in weights]
+        work = start(0)
+        for c in range(n_chunks):
+            nxt = start(c + 1) if c + 1 < n_chunks else None
+            work.wait()
+            g = bufs[c].view(tp, B, s, D).permute(1, 0, 2, 3)  # [B, tp, s, D]
+            x_full[:, :, c] = g
+            for w, o in zip(weights, outs):
+                o[:, :, c] = g @ w.T
+            work = nxt
+        ctx.group, ctx.n_chunks = group, n_chunks
+        ctx.save_for_backward(x_full.view(B, tp * S, D), *weights)
+        return tuple(o.view(B, tp * S, -1) for o in outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x_full, *weights = ctx.saved_tensors
+        group, n = ctx.group, ctx.n_chunks
+        tp = group_size(group)
+        B, T, D = x_full.shape
+        S, s = T // tp, T // tp // n
+        live = [(g, w) for g, w in zip(grads, weights) if g is not None]
+        recvs, works = [], []
+        for c in range(n):
+            gc = sum(g.view(B, tp, n, s, -1)[:, :, c] @ w for g, w in live)  # [B, tp, s, D]
+            recvs.append(x_full.new_empty(B, s, D))
+            works.append(
+                reduce_scatter_single(
+                    recvs[c], gc.permute(1, 0, 2, 3).reshape(tp * B, s, D), group=group, async_op=True
+                )
+            )
+        dws = [None if g is None else g.reshape(-1, g.shape[-1]).T @ x_full.reshape(-1, D) for g in grads]
+        for w in works:
+            w.wait()
+        return (torch.cat(recvs, dim=1).view(B, S, D), None, None, *dws)
+
+
+class MatmulReduceScatter(torch.autograd.Function):
+    """Forward: y = reduce_scatter(x @ W.T) with chunk c's reduce-scatter in flight during chunk c+1's
+    GEMM. Backward: all-gather dy chunk by chunk, dx = dy @ W per chunk as it lands, dW = dy.T @ x.
+
+    x: [B, T, F_l] (full sequence, local input features); W: [D, F_l]. Returns [B, T/tp, D].
+    """
+
+    @staticmethod
+    def forward(ctx, x, group, n_chunks, weight):
+        tp = group_size(group)
+        B, T, Fl = x.shape
+        s = T // tp // n_chunks
+        xv = x.view(B, tp, n_chunks, s, Fl)
+        recvs, works = [], []
+        for c in range(n_chunks):
+            yc = (xv[:, :, c] @ weight.T).permute(1, 0, 2, 3).reshape(tp * B, s, -1)  # [tp*B, s, D]
+            recvs.append(x.new_empty(B, s, weight.shape[0]))
+            works.append(reduce_scatter_single(recvs[c], yc, group=group, async_op=True))
+        for w in works:
+            w.wait()
+        ctx.group, ctx.n_chunks = group, n_chunks
+        ctx.save_for_backward(x, weight)
+        return torch.cat(recvs, dim=1)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        group, n = ctx.group, ctx.n_chunks
+        tp = group_size(group)
+        B, T, Fl = x.shape
+        S = T // tp
+        s = S // n
+        D = weight.shape[0]
+        pieces = [g[:, c * s : (c + 1) * s].contiguous() for c in range(n)]
+        bufs = [g.new_empty(tp * B, s, D) for _ in range(n)]
+        start = lambda c: all_gather_single(bufs[c], pieces[c], group=group, async_op=True)
+        g_full = g.new_empty(B, tp, n, s, D)
+        dx = x.new_empty(B, tp, n, s, Fl)
+        work = start(0)
+        for c in range(n):
+            nxt = start(c + 1) if c + 1 < n else None
+            work.wait()
+            gg = bufs[c].view(tp, B, s, D).permute(1, 0, 2, 3)
+            g_full[:, :, c] = gg
+            dx[:, :, c] = gg @ weight
+            work = nxt
+        dw = g_full.reshape(-1, D).T @ x.reshape(-1, Fl)
+        return dx.view(B, T, Fl), None, None, dw
+
+
+class VocabParallelCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy of logits split over the vocabulary: the max, the sum of exponentials and
+    the target logit are all-reduced over TP; backward is local (softmax - one-hot on the shard).
+
+    logits: [N, V_l] (this rank's vocabulary slice starting at vocab_start); targets: [N].
+    Returns the fp32 per-row loss [N] (0 on ignored rows), z-loss included.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, vocab_start, group, ignore_index, z_loss_scale):
+        x = logits.float()
+        m = x.max(dim=-1).values
+        if group is not None:
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        e = torch.exp(x - m[:, None])
+        sum_e = e.sum(-1)
+        all_reduce(sum_e, group)
+        lse = m + torch.log(sum_e)
+        local_t = targets - vocab_start
+        on_shard = (local_t >= 0) & (local_t < x.shape[1])
+        idx = torch.where(on_shard, local_t, 0)
+        t_logit = torch.where(on_shard, x.gather(1, idx[:, None])[:, 0], 0.0)
+        all_reduce(t_logit, group)
+        valid = targets != ignore_index
+        loss = torch.where(valid, lse - t_logit + z_loss_scale * lse * lse, 0.0)
+        ctx.save_for_backward(e / sum_e[:, None], lse, idx, on_shard, valid)
+        ctx.z, ctx.dtype = z_loss_scale, logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        softmax, lse, idx, on_shard, valid = ctx.saved_tensors
+        d = softmax * (1.0 + 2.0 * ctx.z * lse)[:, None]
+        d.scatter_add_(1, idx[:, None], -on_shard.to(d.dtype)[:, None])
+        d *= (g * valid)[:, None]
+        return d.to(ctx.dtype), None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# The TP communication plan a module calls
+
+
+@dataclass
+class TPComm:
+    """The TP group and how its linears communicate (None group: no tensor parallelism)."""
+
+    group: dist.ProcessGroup | None = None
+    sequence_parallel: bool = True
+    overlap: bool = False
+    chunks: int = 2
+
+    @property
+    def size(self) -> int:
+        return group_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        return group_rank(self.group)
+
+    def column(self, x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+        """x: [B, S, D] (SP shard) or [B, T, D] (replicated); weights [O_k, D] -> [B, T, O_k] each."""
+        if self.size == 1:
+            return [F.linear(x, w) for w in weights]
+        if not self.sequence_parallel:
+            x = CopyToTP.apply(x, self.group)
+            return [F.linear(x, w) for w in weights]
+        if self.overlap:
+            return list(AllGatherMatmul.apply(x, self.group, self.chunks, *weights))
+        x = GatherFromSP.apply(x, self.group)
+        return [F.linear(x, w) for w in weights]
+
+    def row(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, F_l]; weight [D, F_l] -> [B, S, D] (SP) or [B, T, D] summed over TP."""
+        if self.size == 1:
+            return F.linear(x, weight)
+        if self.sequence_parallel and self.overlap:
+            return MatmulReduceScatter.apply(x, self.group, self.chunks, weight)
+        return self.reduce_partial(F.linear(x, weight))
+
+    def reduce_partial(self, y: torch.Tensor) -> torch.Tensor:
+        """Partial sums [B, T, D] -> summed, sequence-sharded under SP."""
+        if self.size == 1:
+            return y
+        if self.sequence_parallel:
+            return ReduceScatterToSP.apply(y, self.group)
+        return ReduceFromTP.apply(y, self.group)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules that replace the model's (same parameter names, so state dicts keep their FQNs)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [vocab_start, vocab_start + V_l) of the embedding; tokens outside contribute zeros."""
+
+    def __init__(self, weight: torch.Tensor, vocab_start: int, tp: TPComm):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.vocab_start, self.tp = vocab_start, tp
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] -> [B, S, D] under SP, else [B, T, D]."""
+        local = tokens - self.vocab_start
+        inside = (local >= 0) & (local < self.weight.shape[0])
+        h = F.embedding(torch.where(inside, local, 0), self.weight) * inside[..., None].to(self.weight.dtype)
+        return self.tp.reduce_partial(h)
+
+
+class ParallelAttention(nn.Module):
+    """The model's attention with TP-sharded heads and optional context parallelism (cp: CPComm)."""
+
+    def __init__(self, attn: nn.Module, tp: TPComm, cp=None):
+        super().__init__()
+        self.wq, self.wk, self.wv, self.wo = attn.wq, attn.wk, attn.wv, attn.wo
+        self.head_dim, self.kernels = attn.head_dim, attn.kernels
+        self.tp, self.cp = tp, cp
+
+    def forward(self, x, positions_BT, inv_freq, cu_seqlens, max_seqlen):
+        """x: [B, S, D] (SP) or [B, T, D]; positions_BT: [B, T] global RoPE positions of local tokens."""
+        q, k, v = self.tp.column(x, [self.wq.weight, self.wk.weight, self.wv.weight])
+        B, T = q.shape[:2]
+        q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))
+        q, k = K.apply_rope(q, k, positions_BT, inv_freq, backend=self.kernels.rope)
+        if self.cp is not None and self.cp.size > 1:
+            o = self.cp.attention(q, k, v, cu_seqlens, backend=self.kernels.attention)
+        else:
+            o = K.attention(q, k, v, cu_seqlens, max_seqlen=max_seqlen, backend=self.kernels.attention)
+        return self.tp.row(o.reshape(B, T, -1), self.wo.weight)
+
+
+class ParallelFeedForward(nn.Module):
+    """SwiGLU with w1/w3 column-parallel and w2 row-parallel."""
+
+    def __init__(self, ffn: nn.Module, tp: TPComm):
+        super().__init__()
+        self.w1, self.w2, self.w3 = ffn.w1, ffn.w2, ffn.w3
+        self.backend, self.tp = ffn.backend, tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.tp.column(x, [self.w1.weight, self.w3.weight])
+        return self.tp.row(K.swiglu(gate, up, backend=self.backend), self.w2.weight)
+
+
+def _shard(p: torch.Tensor, dim: int, tp: TPComm) -> nn.Parameter:
+    if p.shape[dim] % tp.size:
+        raise ValueError(f"cannot split a dimension of size {p.shape[dim]} over tp={tp.size} ranks")
+    piece = nn.Parameter(p.detach().chunk(tp.size, dim=dim)[tp.rank].clone())
+    piece._tp_dim = dim  # which dimension is split over TP (gathering a full state dict reads it)
+    return piece
+
+
+def apply_tp(model: nn.Module, tp: TPComm, cp=None) -> nn.Module:
+    """Shard a materialised Transformer's weights over TP in place and swap in the parallel modules.
+
+    Parameter names are unchanged. Replicated parameters (the norms) get `_tp_dim = None`; under
+    sequence parallelism their gradients are partial sums over sequence shards, reduced by the
+    data-parallel wrapper. Call with tp.size == 1 to only install context parallelism.
+    """
+    if model.args.tie_embeddings and tp.size > 1:
+        raise ValueError("tensor parallelism with tied embeddings is not supported: use an untied preset")
+    for layer in model.layers.values():
+        a, f = layer.attention, layer.feed_forward
+        if tp.size > 1:
+            for lin, dim in ((a.wq, 0), (a.wk, 0), (a.wv, 0), (a.wo, 1), (f.w1, 0), (f.w3, 0), (f.w2, 1)):
+                lin.weight = _shard(lin.weight, dim, tp)
+        layer.attention = ParallelAttention(a, tp, cp)
+        layer.feed_forward = ParallelFeedForward(f, tp)
+    if tp.size > 1:
+        if model.tok_embeddings is not None:
+            w = _shard(model.tok_embeddings.weight, 0, tp)
+            model.tok_embeddings = VocabParallelEmbedding(w, tp.rank * w.shape[0], tp)
+            model.tok_embeddings.weight._tp_dim = 0
+        if model.output is not None:
+            model.output.weight = _shard(model.output.weight, 0, tp)
+    for p in model.parameters():
+        if not hasattr(p, "_tp_dim"):
+            p._tp_dim = None
+    return model
+
+
+def compute_loss(
+    model: nn.Module,
+    h: torch.Tensor,
+    targets: torch.Tensor,
+    tp: TPComm,
+    *,
+    ignore_index: int = -100,
+    z_loss_scale: float = 0.0,
+) -> torch.Tensor:
+    """Summed fp32 loss of the final hidden states h [B, S or T, D] against targets [B, T].
+
+    One TP rank: the fused linear cross-entropy kernel. TP: logits per vocabulary shard
+    [B*T, V_l] and the vocab-parallel loss (identical on every TP rank).
+    """
+    w = model.head_weight()
+    if tp.size == 1:
+        return K.linear_cross_entropy(
+            h.reshape(-1, h.shape[-1]), w, targets.reshape(-1), ignore_index=ignore_index,
+            reduction="sum", z_loss_scale=z_loss_scale, backend=model.args.kernels.cross_entropy,
+        )  # fmt: skip
+    (logits,) = tp.column(h, [w])
+    loss = VocabParallelCrossEntropy.apply(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), tp.rank * w.shape[0], tp.group,
+        ignore_index, z_loss_scale,
+    )  # fmt: skip
+    return loss.sum()

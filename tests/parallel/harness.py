@@ -1,0 +1,199 @@
+"""Spawned gloo ranks for the parallel equivalence tests, and the cases they run.
+
+`spawn_cases(world, cases)` starts ONE group of `world` ranks (loopback TCP, one thread each, a hard
+timeout) that runs every case in sequence; a case names a layout, and ranks beyond the layout's size
+just take part in group creation. Each case trains a small Llama on packed documents for a few
+AdamW steps under the layout and, in the same process, on one process with the plain model, and
+reports the largest loss and parameter differences.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import socket
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from llama3hp.model import ModelArgs, Transformer
+from llama3hp.parallel import MicroBatch, ParallelConfig, build_mesh, parallelize
+
+TIMEOUT_S = 240
+
+
+def small_args(**kw) -> ModelArgs:
+    base = dict(
+        dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=32,
+        ffn_dim_multiplier=None, max_seq_len=64, rope_scaling=False,
+    )  # fmt: skip
+    base.update(kw)
+    return ModelArgs(**base)
+
+
+def make_batches(step: int, dp: int, micro: int, rows: int, T: int, vocab: int) -> list[list[MicroBatch]]:
+    """batches[dp_rank][i]: `micro` micro-batches of `rows` rows per DP rank; packed documents of
+    random lengths (crossing CP chunk borders), some ignored targets."""
+    g = torch.Generator().manual_seed(1000 + step)
+    out = []
+    for _ in range(dp):
+        mbs = []
+        for _ in range(micro):
+            tokens = torch.randint(0, vocab, (rows, T + 1), generator=g)
+            bounds = [0]
+            for r in range(rows):
+                cuts = sorted(set(torch.randint(1, T, (3,), generator=g).tolist()))
+                bounds += [r * T + c for c in cuts] + [(r + 1) * T]
+            targets = tokens[:, 1:].clone()
+            targets[torch.rand(targets.shape, generator=g) < 0.1] = -100
+            cu = torch.tensor(bounds, dtype=torch.int32)
+            mbs.append(MicroBatch(tokens[:, :-1].contiguous(), targets, cu, int((cu[1:] - cu[:-1]).max())))
+        out.append(mbs)
+    return out
+
+
+def reference_run(args: ModelArgs, steps: int, dp: int, micro: int, rows: int, T: int, lr: float):
+    model = Transformer(args)
+    model.init_weights(seed=0)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
+    losses = []
+    for step in range(steps):
+        batches = [
+            b for per_rank in make_batches(step, dp, micro, rows, T, args.vocab_size) for b in per_rank
+        ]
+        n = sum((b.targets != -100).sum() for b in batches).float()
+        total = 0.0
+        for b in batches:
+            loss = model(
+                b.inputs, targets=b.targets, cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen, reduction="sum"
+            )
+            (loss / n).backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        losses.append(total / n.item())
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def parallel_run(args: ModelArgs, cfg: ParallelConfig, steps: int, micro: int, rows: int, T: int, lr: float):
+    mesh = build_mesh(cfg)
+    if mesh is None:
+        return None
+    model = Transformer(args)
+    model.init_weights(seed=0)
+    pm = parallelize(model, mesh, cfg)
+    opt = torch.optim.AdamW(pm.param_groups(0.1), lr=lr)
+    losses = []
+    for step in range(steps):
+        batches = make_batches(step, mesh.dims.dp, micro, rows, T, args.vocab_size)[mesh.dp_rank]
+        loss = pm.forward_backward(batches)
+        pm.clip_grad_norm_(1.0)
+        opt.step()
+        pm.after_optimizer_step()
+        pm.zero_grad()
+        losses.append(loss.item())
+    return losses, pm.full_state_dict()
+
+
+def compare_case(case: dict) -> dict | None:
+    """Train under case["cfg"] and on one process; the largest differences (None off-layout)."""
+    args = small_args(**case.get("model", {}))
+    cfg = ParallelConfig(**case["cfg"])
+    steps, micro, rows, T, lr = (
+        case.get("steps", 3),
+        case.get("micro", 2),
+        case.get("rows", 1),
+        case.get("T", 16),
+        1e-3,
+    )
+    got = parallel_run(args, cfg, steps, micro, rows, T, lr)
+    if got is None:
+        return None
+    dp = cfg.dp
+    ref_losses, ref_params = reference_run(args, steps, dp, micro, rows, T, lr)
+    losses, params = got
+    return {
+        "losses": losses,
+        "ref_losses": ref_losses,
+        "loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses)),
+        "param_diff": max((params[k] - ref_params[k]).abs().max().item() for k in ref_params),
+        "param_scale": max(ref_params[k].abs().max().item() for k in ref_params),
+        "missing": sorted(set(ref_params) - set(params)),
+    }
+
+
+def _worker(rank: int, world: int, port: int, cases: list[dict], out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ["TRITON_INTERPRET"] = "1"
+    import datetime
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=TIMEOUT_S),
+    )  # fmt: skip
+    results = {}
+    for case in cases:
+        torch.manual_seed(0)
+        try:
+            results[case["name"]] = compare_case(case)
+        except Exception:
+            results[case["name"]] = {"error": traceback.format_exc()}
+        dist.barrier()
+    tmp = os.path.join(out_dir, f".rank{rank}.tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(results, f)
+    os.replace(tmp, os.path.join(out_dir, f"rank{rank}.pkl"))
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_cases(world: int, cases: list[dict], timeout_s: float = TIMEOUT_S) -> list[dict]:
+    """Run `cases` on `world` spawned gloo ranks; per rank, {case name: result or None or {"error"}}."""
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as out_dir:
+        port = free_port()
+        procs = [ctx.Process(target=_worker, args=(r, world, port, cases, out_dir)) for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout_s)
+        hung = [i for i, p in enumerate(procs) if p.is_alive()]
+        for i in hung:
+            procs[i].kill()
+        if hung:
+            raise TimeoutError(f"ranks {hung} did not finish within {timeout_s}s (hang in a collective?)")
+        out = []
+        for r in range(world):
+            path = os.path.join(out_dir, f"rank{r}.pkl")
+            if not os.path.exists(path):
+                raise RuntimeError(f"rank {r} exited with code {procs[r].exitcode} without results")
+            with open(path, "rb") as f:
+                out.append(pickle.load(f))
+        return out
+
+
+def case(name: str, **cfg) -> dict:
+    extra = {k: cfg.pop(k) for k in ("model", "steps", "micro", "rows", "T") if k in cfg}
+    return {"name": name, "cfg": cfg, **extra}
+
+
+if __name__ == "__main__":  # quick manual run: python tests/parallel/harness.py
+    import sys
+
+    world = int(sys.argv[1]) if len(sys.argv) > 1 else 2
+    res = spawn_cases(world, [case("tp2", tp=2, cp=1, pp=1, dp=1)])
+    print(dataclasses.asdict(ParallelConfig()) and res[0])
