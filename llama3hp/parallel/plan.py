@@ -24,6 +24,7 @@ NVLink 4, one 400 Gb/s NIC per GPU), chosen once so that the paper's three 405B 
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import asdict, dataclass
 
 from llama3hp.model import get_model_args
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         r = plan(a.model, a.tp, a.cp, a.pp, a.dp, a.seq, a.batch, micro_rows=a.micro, virtual=a.virtual,
                  zero_stage=a.zero, checkpointing=a.checkpointing)  # fmt: skip
     except ValueError as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_report(r))
     if a.pp > 1:

@@ -1,0 +1,255 @@
+"""`llama3hp` command line: train, prepare, info, export, import, average.
+
+Every user error prints ONE line `error: ...` on stderr and exits with code 2 (no traceback).
+Heavy modules (torch, the model, the data pipeline) are imported inside the subcommands so
+`llama3hp --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A user error detected by the CLI itself."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors in one line (its default prints the usage block too)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from llama3hp.config import build_job_config, flatten, load_job_config, parse_override
+    from llama3hp.train import checkpoint as ckpt
+    from llama3hp.train.trainer import ParallelContext, find_latest_checkpoint, train
+
+    ctx = ParallelContext()
+    resume = a.resume
+    if isinstance(resume, str) and "=" in resume and not Path(resume).exists():
+        a.overrides.append(resume)  # `--resume key=value`: a bare --resume followed by an override
+        resume = True
+    if a.config is None:
+        if not resume or resume is True:
+            raise UsageError(
+                "train: give --config NAME_OR_FILE (or --resume PATH to reuse a checkpoint's config)"
+            )
+        stored = ckpt.read_train_state(resume).get("config")
+        if stored is None:
+            raise UsageError(f"train: checkpoint {resume} stores no config; give --config")
+        pairs = flatten(stored) + [parse_override(o) for o in a.overrides]
+        job = build_job_config(pairs, dp_size=ctx.dp_size)
+    else:
+        job = load_job_config(a.config, a.overrides, dp_size=ctx.dp_size)
+    if resume is True:
+        resume = find_latest_checkpoint(job)
+    train(job, resume=resume, ctx=ctx)
+    return 0
+
+
+def _cmd_prepare(a: argparse.Namespace) -> int:
+    from llama3hp.data import default_corpus_files, prepare
+
+    inputs = [Path(p) for p in a.inputs] if a.inputs else default_corpus_files()
+    missing = [str(p) for p in inputs if not p.exists()]
+    if missing:
+        raise UsageError(f"prepare: input not found: {missing[0]}")
+    manifest = prepare(inputs, a.out, tokenizer_path=a.tokenizer, text_field=a.text_field, workers=a.workers)
+    print(
+        f"prepared {len(inputs)} input(s) into {a.out}: {manifest['n_docs']:,} documents, {manifest['n_tokens']:,} tokens"
+    )
+    return 0
+
+
+def _cmd_info(a: argparse.Namespace) -> int:
+    from llama3hp.model import get_model_args
+    from llama3hp.model.info import format_info, model_info
+
+    if a.seq_len <= 0:
+        raise UsageError(f"info: --seq-len must be positive, got {a.seq_len}")
+    info = model_info(get_model_args(a.model), seq_len=a.seq_len)
+    print(json.dumps(info, indent=2) if a.json else format_info(a.model, info))
+    return 0
+
+
+def _checkpoint_args(path: Path):
+    from llama3hp.config import model_args_from_dict
+    from llama3hp.train import checkpoint as ckpt
+
+    meta = ckpt.read_train_state(path)
+    if "model_args" not in meta:
+        raise UsageError(f"checkpoint {path} stores no model args")
+    return model_args_from_dict(meta["model_args"])
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    import torch
+
+    from llama3hp.model.convert import save_hf, save_meta
+    from llama3hp.train import checkpoint as ckpt
+
+    path = ckpt.resolve_checkpoint(a.checkpoint)
+    args = _checkpoint_args(path)
+    sd = ckpt.load_model_state(path)
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[a.dtype]
+    (save_hf if a.format == "hf" else save_meta)(sd, args, a.out, dtype=dtype)
+    print(f"exported {path} to {a.out} ({a.format}, {a.dtype})")
+    return 0
+
+
+def _cmd_import(a: argparse.Namespace) -> int:
+    import dataclasses
+
+    from llama3hp.model.convert import load_hf, load_meta
+    from llama3hp.train import checkpoint as ckpt
+
+    src = Path(a.src)
+    if not src.is_dir():
+        raise UsageError(f"import: source folder not found: {src}")
+    args, sd = (load_hf if a.format == "hf" else load_meta)(src)
+    out = ckpt.save_checkpoint(
+        a.out,
+        0,
+        model_state={k: v.float().contiguous() for k, v in sd.items()},
+        optim_state=None,
+        train_state={
+            "model_args": dataclasses.asdict(args),
+            "imported_from": str(src.resolve()),
+            "format": a.format,
+        },
+    )
+    print(
+        f"imported {src} into {out}; train from it with training.init_from={a.out} (model fields must match)"
+    )
+    return 0
+
+
+def _cmd_average(a: argparse.Namespace) -> int:
+    from llama3hp.train.average import average_checkpoints
+
+    if a.last < 0:
+        raise UsageError(f"average: --last must be >= 0, got {a.last}")
+    out = average_checkpoints(a.checkpoints, a.out, last=a.last)
+    print(f"averaged into {out}")
+    return 0
+
+
+def _cmd_plan(a: argparse.Namespace) -> int:
+    from llama3hp.parallel.plan import main as plan_main
+
+    return plan_main(a.plan_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="llama3hp", description="Llama 3 trainer: train, prepare data, inspect, convert checkpoints."
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    t = sub.add_parser(
+        "train", help="train a model", description="Train from a config with key=value overrides."
+    )
+    t.add_argument("--config", help="built-in config name (launch/configs/NAME.toml) or a TOML file")
+    t.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. training.lr=1e-3"
+    )
+    t.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="PATH",
+        help="continue from a checkpoint (a step folder, a checkpoints folder or a run folder); "
+        "without PATH: the newest checkpoint of this run name",
+    )
+    t.set_defaults(fn=_cmd_train)
+
+    pr = sub.add_parser(
+        "prepare", help="tokenize text into shards", description="Tokenize inputs into shards."
+    )
+    pr.add_argument(
+        "inputs", nargs="*", help="text/JSONL files or folders (default: the Python stdlib corpus)"
+    )
+    pr.add_argument("--out", required=True, help="output folder (manifest.json + shards)")
+    pr.add_argument(
+        "--tokenizer", default=None, help="tokenizer.model path (default: the bundled Llama 3 one)"
+    )
+    pr.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    pr.add_argument("--workers", type=int, default=2, help="tokenizer processes")
+    pr.set_defaults(fn=_cmd_prepare)
+
+    i = sub.add_parser("info", help="parameters, FLOPs and memory of a model preset")
+    i.add_argument("model", help="preset name, e.g. llama3_8b")
+    i.add_argument("--seq-len", type=int, default=8192, help="sequence length for FLOPs per token")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(fn=_cmd_info)
+
+    e = sub.add_parser("export", help="write a checkpoint's weights as Hugging Face or Meta files")
+    e.add_argument("--checkpoint", required=True, help="step folder, checkpoints folder or run folder")
+    e.add_argument("--format", required=True, choices=["hf", "meta"])
+    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    e.set_defaults(fn=_cmd_export)
+
+    im = sub.add_parser("import", help="turn Hugging Face or Meta weights into a checkpoint to train from")
+    im.add_argument("--format", required=True, choices=["hf", "meta"])
+    im.add_argument(
+        "--src", required=True, help="folder with config.json + safetensors (hf) or params.json + .pth (meta)"
+    )
+    im.add_argument("--out", required=True, help="checkpoint folder to write")
+    im.set_defaults(fn=_cmd_import)
+
+    av = sub.add_parser("average", help="average the weights of checkpoints (Polyak averaging)")
+    av.add_argument(
+        "checkpoints", nargs="+", help="step folders, or a checkpoints folder (expands to its steps)"
+    )
+    av.add_argument("--out", required=True, help="checkpoint folder to write the average into")
+    av.add_argument("--last", type=int, default=0, help="with a checkpoints folder: average only its last K")
+    av.set_defaults(fn=_cmd_average)
+
+    pl = sub.add_parser(
+        "plan",
+        add_help=False,
+        help="predict memory, step time and MFU of a parallel layout (llama3hp plan MODEL --tp ...)",
+    )
+    pl.add_argument("plan_args", nargs=argparse.REMAINDER)
+    pl.set_defaults(fn=_cmd_plan)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.fn(args)
+    except UsageError as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:  # ConfigError is a ValueError
+        return _fail(str(e))
+    except Exception as e:
+        from llama3hp.train.checkpoint import CheckpointError
+
+        if isinstance(e, CheckpointError):
+            return _fail(str(e))
+        raise
+
+
+def _fail(message: str) -> int:
+    line = " ".join(message.strip().split("\n")[0].split()) or "failed"
+    print(f"error: {line}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

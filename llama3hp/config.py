@@ -1,0 +1,441 @@
+"""Typed job configuration: one `JobConfig` made of the components' own dataclasses.
+
+A job is read from a built-in name (a TOML file in `launch/configs/`) or a TOML path, then
+`key=value` overrides with dotted keys are applied (`training.lr=1e-3`, `model.n_layers=2`,
+`model.kernels.rmsnorm=torch`). Values are parsed to the field's declared type; unknown keys are
+rejected with the closest valid name. The model is picked by `[model] preset = "tiny"` (a name
+from `llama3hp.model.PRESETS`); the other `[model]` keys override the preset's fields.
+
+Every error raised here is a `ConfigError` with a one-line message the CLI prints as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llama3hp.data import DataConfig
+from llama3hp.model import ModelArgs, get_model_args
+from llama3hp.parallel.mesh import ParallelConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "launch" / "configs"
+STDLIB_CORPUS = "@stdlib"  # a data.datasets entry meaning "the stdlib corpus, prepared on first use"
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or an override; the message is one line."""
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation and batch shape. Batches are counted in rows of `seq_len` tokens."""
+
+    steps: int = 150  # optimizer steps in the run
+    micro_batch_rows: int = 2  # rows per forward/backward on each data-parallel rank
+    global_batch_rows: int = 2  # rows per optimizer step over all ranks (accumulation is derived)
+    seq_len: int = 256  # tokens per row
+    lr: float = 3e-3  # peak learning rate
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW (beta1, beta2)
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.1  # decoupled weight decay; never on norms or biases
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    warmup_steps: int = 10  # linear warm-up steps
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of the peak lr
+    anneal_steps: int = 0  # last steps with lr linearly from the floor to 0 (0 = none)
+    anneal_tokens: int = 0  # or: last tokens with lr linearly to 0 (0 = none)
+    batch_ramp: list[list[int]] = field(default_factory=list)  # [[tokens_seen, global_batch_rows], ...]
+    seq_len_stages: list[list[int]] = field(default_factory=list)  # [[tokens_seen, seq_len], ...]
+    z_loss_scale: float = 0.0  # PaLM z-loss coefficient (0 = off)
+    seed: int = 0  # weight init and RNG seed
+    device: str = "auto"  # "auto" (cuda when available) | "cpu" | "cuda"
+    dtype: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "float32" | "bfloat16"
+    init_from: str | None = None  # checkpoint dir whose model weights start the run (e.g. `llama3hp import`)
+
+    def grad_accum_steps(self, global_rows: int | None = None, dp_size: int = 1) -> int:
+        """Micro-batches per rank per optimizer step for a global batch of `global_rows` rows."""
+        rows = self.global_batch_rows if global_rows is None else global_rows
+        return rows // (self.micro_batch_rows * dp_size)
+
+
+@dataclass
+class CheckpointConfig:
+    """Where and how often to save (torch.distributed.checkpoint folders `step-XXXXXXXX/`)."""
+
+    enabled: bool = True  # save checkpoints at all
+    dir: str = ""  # checkpoint folder ("" = <run dir>/checkpoints)
+    interval: int = 0  # save every N steps (0 = only at the end)
+    keep: int = 3  # keep the last K checkpoints (0 = keep all)
+    save_final: bool = True  # save after the last step
+
+
+@dataclass
+class MetricsConfig:
+    """What is logged each step and where."""
+
+    log_interval: int = 1  # write a metrics row every N steps
+    jsonl: bool = True  # write <run dir>/metrics.jsonl
+    tensorboard: bool = False  # also write TensorBoard events when torch.utils.tensorboard imports
+    progress: bool = True  # tqdm progress bar with loss, tok/s and MFU
+    plot: bool = True  # write <run dir>/loss.png at the end
+    gpu_telemetry: bool = True  # SM clock, temperature, power via nvidia-ml-py on CUDA
+    profile_steps: list[int] = field(default_factory=list)  # [start, end): torch.profiler trace window
+    peak_flops: float = 0.0  # peak FLOP/s for MFU (0 = from the GPU table, or measured on CPU)
+
+
+@dataclass
+class JobConfig:
+    """A whole training job."""
+
+    name: str = "run"  # run name; the run folder is <runs_root>/<name>-<timestamp>
+    run_dir: str = ""  # explicit run folder ("" = derived from runs_root, name and time)
+    runs_root: str = "runs"  # parent of the run folders
+    data_cache: str = "data"  # where the stdlib corpus is prepared on first use
+    model_preset: str = "tiny"  # a name in llama3hp.model.PRESETS (TOML key [model] preset)
+    model: ModelArgs = field(default_factory=lambda: get_model_args("tiny"))  # architecture
+    data: DataConfig = field(default_factory=lambda: DataConfig(datasets=[STDLIB_CORPUS]))  # data pipeline
+    training: TrainingConfig = field(default_factory=TrainingConfig)  # optimisation
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # checkpoints
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # logging and profiling
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # 4D layout [TP, CP, PP, DP]
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing values to declared types
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _is_optional(tp: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return True, args[0]
+    return False, tp
+
+
+def _parse_text(text: str) -> Any:
+    """A command-line value as TOML would read it, else the raw string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """`value` (from TOML, JSON or the command line) converted to type `tp`, or a ConfigError."""
+
+    def bad() -> ConfigError:
+        return ConfigError(f"bad value {value!r} for '{key}': expected {_type_name(tp)}")
+
+    optional, inner = _is_optional(tp)
+    if optional:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return coerce(value, inner, key)
+    if dataclasses.is_dataclass(tp):
+        raise ConfigError(f"'{key}' is a section, not a value: set its fields, e.g. '{key}.<field>=...'")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise bad()
+    if tp is int:
+        if isinstance(value, str):
+            value_p = _parse_text(value)
+            if isinstance(value_p, str):
+                raise bad()
+            value = value_p
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():  # 1e6 is a fine step count
+            return int(value)
+        raise bad()
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad() from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad()
+    if typing.get_origin(tp) is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):
+            parsed = _parse_text(value)
+            if isinstance(parsed, list):
+                value = parsed
+            elif value.strip() == "":
+                value = []
+            else:  # a,b,c without brackets
+                value = [_parse_text(v.strip()) for v in value.split(",")]
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        if item_tp is Any:
+            return list(value)
+        if item_tp is str:  # a bare 1.5 typed on the command line is still a name
+            value = [v if isinstance(v, str) or isinstance(v, bool) else str(v) for v in value]
+        try:
+            return [coerce(v, item_tp, key) for v in value]
+        except ConfigError:
+            raise bad() from None
+    if tp is Any:
+        return value
+    raise ConfigError(f"'{key}' has unsupported type {_type_name(tp)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Dotted keys
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def valid_keys(obj: Any, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of a dataclass instance (sections are recursed into)."""
+    keys = []
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        tp = hints[f.name]
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(tp) and dataclasses.is_dataclass(value):
+            keys += valid_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _unknown(key: str, choices: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def set_key(obj: Any, key: str, value: Any, *, root: Any = None, prefix: str = "") -> None:
+    """Set dotted `key` of dataclass `obj` to `value` parsed to the field's type."""
+    root = obj if root is None else root
+    head, _, rest = key.partition(".")
+    names = {f.name for f in dataclasses.fields(obj)}
+    if head not in names:
+        raise _unknown(prefix + key, _job_keys(root))
+    tp = _hints(type(obj))[head]
+    current = getattr(obj, head)
+    if rest:
+        if not dataclasses.is_dataclass(current):
+            raise _unknown(prefix + key, _job_keys(root))
+        set_key(current, rest, value, root=root, prefix=f"{prefix}{head}.")
+        return
+    if isinstance(value, dict):
+        if not dataclasses.is_dataclass(current):
+            raise ConfigError(f"bad value for '{prefix}{key}': expected {_type_name(tp)}, got a table")
+        for k, v in value.items():
+            set_key(current, k, v, root=root, prefix=f"{prefix}{head}.")
+        return
+    setattr(obj, head, coerce(value, tp, prefix + key))
+
+
+def _job_keys(obj: Any) -> list[str]:
+    keys = valid_keys(obj)
+    return keys + ["model.preset"] if isinstance(obj, JobConfig) else keys
+
+
+def flatten(table: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """A nested TOML/JSON table as (dotted key, value) pairs, in order."""
+    out = []
+    for k, v in table.items():
+        if isinstance(v, dict):
+            out += flatten(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ConfigError(f"bad override {text!r}: write key=value, e.g. training.lr=1e-3")
+    key, _, value = text.partition("=")
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"bad override {text!r}: empty key")
+    return key, value.strip()
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, validating, dumping
+
+
+def builtin_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A TOML path, or the built-in config of that name in launch/configs/."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or os.sep in name_or_path:
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {name_or_path}")
+        return path
+    builtin = CONFIG_DIR / f"{name_or_path}.toml"
+    if builtin.is_file():
+        return builtin
+    if path.is_file():
+        return path
+    names = builtin_configs()
+    close = difflib.get_close_matches(name_or_path, names, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; built-in configs: {', '.join(names)}"
+    raise ConfigError(f"no config named '{name_or_path}' and no such file{hint}")
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"bad TOML in {path}: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+
+
+def build_job_config(pairs: list[tuple[str, Any]], *, dp_size: int = 1) -> JobConfig:
+    """A validated JobConfig from (dotted key, value) pairs applied in order to the defaults.
+
+    `model.preset` (the last one given) is applied first, so field overrides land on that preset.
+    """
+    preset = "tiny"
+    rest = []
+    for key, value in pairs:
+        if key in ("model.preset", "model_preset"):
+            preset = coerce(value, str, "model.preset")
+        else:
+            rest.append((key, value))
+    try:
+        model = get_model_args(preset)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    job = JobConfig(model_preset=preset, model=model)
+    for key, value in rest:
+        set_key(job, key, value)
+    validate(job, dp_size=dp_size)
+    return job
+
+
+def load_job_config(name_or_path: str, overrides: list[str] = (), *, dp_size: int = 1) -> JobConfig:
+    """Read a built-in name or TOML path, apply `key=value` overrides, validate."""
+    table = read_toml(resolve_config_path(name_or_path))
+    pairs = flatten(table) + [parse_override(o) for o in overrides]
+    return build_job_config(pairs, dp_size=dp_size)
+
+
+def validate(job: JobConfig, *, dp_size: int = 1) -> None:
+    """One-line ConfigError for a config that cannot make sense."""
+    from llama3hp.train.schedules import check_table
+
+    t = job.training
+    if t.steps <= 0:
+        raise ConfigError(f"training.steps must be positive, got {t.steps}")
+    if t.micro_batch_rows <= 0 or t.global_batch_rows <= 0 or t.seq_len <= 0:
+        raise ConfigError(
+            "training.micro_batch_rows, training.global_batch_rows and training.seq_len must be positive"
+        )
+    per_step = t.micro_batch_rows * dp_size
+    try:
+        check_table("training.batch_ramp", t.batch_ramp)
+        check_table("training.seq_len_stages", t.seq_len_stages)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for rows in [t.global_batch_rows] + [r for _, r in t.batch_ramp]:
+        if rows % per_step:
+            raise ConfigError(
+                f"global batch of {rows} rows is not divisible by micro_batch_rows x dp = "
+                f"{t.micro_batch_rows} x {dp_size}: change training.global_batch_rows or training.micro_batch_rows"
+            )
+    for seq in [t.seq_len] + [s for _, s in t.seq_len_stages]:
+        if seq > job.model.max_seq_len:
+            raise ConfigError(f"sequence length {seq} exceeds model.max_seq_len ({job.model.max_seq_len})")
+    if not 0 <= t.warmup_steps <= t.steps:
+        raise ConfigError(
+            f"training.warmup_steps ({t.warmup_steps}) must be between 0 and training.steps ({t.steps})"
+        )
+    if t.anneal_steps < 0 or t.warmup_steps + t.anneal_steps > t.steps:
+        raise ConfigError(
+            f"training.warmup_steps + training.anneal_steps ({t.warmup_steps} + {t.anneal_steps}) exceed training.steps ({t.steps})"
+        )
+    if t.anneal_tokens < 0:
+        raise ConfigError(f"training.anneal_tokens must be >= 0, got {t.anneal_tokens}")
+    if t.lr <= 0:
+        raise ConfigError(f"training.lr must be positive, got {t.lr}")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise ConfigError(f"training.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
+        raise ConfigError(f"training.betas must be two numbers in [0, 1), got {t.betas}")
+    if t.weight_decay < 0 or t.eps <= 0 or t.grad_clip < 0:
+        raise ConfigError("training.weight_decay and training.grad_clip must be >= 0 and training.eps > 0")
+    if t.device not in DEVICES:
+        raise ConfigError(f"training.device must be one of {', '.join(DEVICES)}, got '{t.device}'")
+    if t.dtype not in DTYPES:
+        raise ConfigError(f"training.dtype must be one of {', '.join(DTYPES)}, got '{t.dtype}'")
+    c = job.checkpoint
+    if c.interval < 0 or c.keep < 0:
+        raise ConfigError("checkpoint.interval and checkpoint.keep must be >= 0")
+    m = job.metrics
+    if m.log_interval <= 0:
+        raise ConfigError(f"metrics.log_interval must be positive, got {m.log_interval}")
+    if m.profile_steps and (len(m.profile_steps) != 2 or not 0 <= m.profile_steps[0] < m.profile_steps[1]):
+        raise ConfigError(
+            f"metrics.profile_steps must be [start, end) with 0 <= start < end, got {m.profile_steps}"
+        )
+    if not job.data.datasets:
+        raise ConfigError("data.datasets is empty: give at least one prepared dataset folder (or '@stdlib')")
+    try:
+        job.model.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def job_to_dict(job: JobConfig) -> dict[str, Any]:
+    """The resolved config as plain JSON data; `job_from_dict` reads it back."""
+    d = dataclasses.asdict(job)
+    d["model"] = {"preset": d.pop("model_preset"), **d["model"]}
+    return d
+
+
+def model_args_from_dict(d: dict[str, Any]) -> ModelArgs:
+    """ModelArgs from `dataclasses.asdict(args)` (as stored in checkpoints)."""
+    args = ModelArgs()
+    for key, value in flatten(d):
+        set_key(args, key, value)
+    return args.validate()
+
+
+def job_from_dict(d: dict[str, Any]) -> JobConfig:
+    return build_job_config(flatten(d))
+
+
+def dump_job_config(job: JobConfig, path: Path) -> None:
+    """config.json, written to a temporary name and renamed."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(job_to_dict(job), indent=2) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,288 @@
+"""Checkpoints: torch.distributed.checkpoint (DCP) folders with a SHA-256 manifest.
+
+Layout of a checkpoint folder (`<dir>/step-XXXXXXXX/`):
+- DCP files (`.metadata`, `__*.distcp`) holding {"model": ..., "optim": ...} (optim is absent in a
+  weights-only checkpoint such as one made by `llama3hp import` or `llama3hp average`);
+- `train_state.json`: kind ("full" | "weights"), step, tokens seen, loader state, the resolved
+  config, the model args;
+- `rng.pkl`: python, numpy, torch CPU and CUDA RNG states (pickled: torch states are tensors);
+- `manifest.sha256.json`: SHA-256 of every other file, checked before DCP reads anything (DCP has
+  no checksum: a flipped bit in a shard would load silently).
+
+A save writes everything into `step-XXXXXXXX.tmp/`, writes the manifest, renames the folder, then
+updates the `latest` pointer file (temp name + rename) LAST: a crash at any point leaves `latest`
+on the previous complete checkpoint. Only the last `keep` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pickle
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+MANIFEST = "manifest.sha256.json"
+TRAIN_STATE = "train_state.json"
+RNG_STATE = "rng.pkl"
+LATEST = "latest"
+STEP_RE = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or corrupted; the message is one line."""
+
+
+def step_dirname(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+@contextlib.contextmanager
+def _quiet_dcp():
+    # DCP warns on every call that no process group exists; single-process saves are intended.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        yield
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_manifest(folder: Path) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {"files": {str(p.relative_to(folder)): _sha256(p) for p in files}}
+    _write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """CheckpointError naming the first file whose SHA-256 differs from the manifest."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{folder} is not a complete checkpoint (no {MANIFEST})")
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"unreadable checkpoint manifest {manifest_path}: {e}") from None
+    for rel, digest in files.items():
+        path = folder / rel
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file missing: {path}")
+        if _sha256(path) != digest:
+            raise CheckpointError(f"checkpoint file corrupted (SHA-256 mismatch): {path}")
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints under `folder`, oldest first."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and STEP_RE.match(p.name))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step folder from a step folder, a checkpoint folder (via `latest`) or a run folder."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if (path / MANIFEST).is_file() or STEP_RE.match(path.name):
+        return path
+    for folder in (path, path / "checkpoints"):
+        latest = folder / LATEST
+        if latest.is_file():
+            target = folder / latest.read_text().strip()
+            if not target.is_dir():
+                raise CheckpointError(f"{latest} points to a missing checkpoint {target}")
+            return target
+    raise CheckpointError(f"no checkpoint in {path} (no '{LATEST}' pointer and no step-XXXXXXXX folder)")
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the finished temp folder into place (the step a crash test interrupts)."""
+    if final.exists():  # re-saving a step (e.g. after a resume): the new one wins
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def save_checkpoint(
+    folder: str | Path,
+    step: int,
+    *,
+    model_state: dict[str, torch.Tensor],
+    optim_state: dict[str, Any] | None,
+    train_state: dict[str, Any],
+    rng: dict[str, Any] | None = None,
+    keep: int = 0,
+) -> Path:
+    """Write checkpoint `step` under `folder`; return its path. keep > 0 prunes older ones.
+
+    train_state must be JSON-serialisable; "kind" is set to "full" or "weights".
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / step_dirname(step)
+    tmp = folder / (final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash
+    tmp.mkdir()
+    state: dict[str, Any] = {"model": model_state}
+    if optim_state is not None:
+        state["optim"] = optim_state
+    try:
+        with _quiet_dcp():
+            dcp.save(state, checkpoint_id=str(tmp))
+    except CheckpointException as e:  # a BaseException: would otherwise escape `except Exception`
+        raise CheckpointError(f"saving checkpoint {final} failed: {str(e).splitlines()[0]}") from None
+    meta = {**train_state, "kind": "full" if optim_state is not None else "weights", "step": step}
+    (tmp / TRAIN_STATE).write_text(json.dumps(meta, indent=1) + "\n")
+    if rng is not None:
+        with open(tmp / RNG_STATE, "wb") as f:
+            pickle.dump(rng, f)
+    write_manifest(tmp)
+    _publish(tmp, final)
+    _write_atomic(folder / LATEST, (final.name + "\n").encode())
+    if keep > 0:
+        for old in list_checkpoints(folder)[:-keep]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_train_state(path: str | Path) -> dict[str, Any]:
+    path = resolve_checkpoint(path)
+    try:
+        return json.loads((path / TRAIN_STATE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path / TRAIN_STATE}: {e}") from None
+
+
+def read_rng_state(path: Path) -> dict[str, Any] | None:
+    f = path / RNG_STATE
+    if not f.is_file():
+        return None
+    with open(f, "rb") as fh:
+        return pickle.load(fh)
+
+
+def _dcp_load(state: dict[str, Any], path: Path) -> None:
+    try:
+        with _quiet_dcp():
+            dcp.load(state, checkpoint_id=str(path))
+    except CheckpointException as e:
+        raise CheckpointError(
+            f"loading checkpoint {path} failed: {str(e).strip().splitlines()[-1][:300]}"
+        ) from None
+
+
+def stored_shapes(path: Path, section: str = "model") -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """{key: (shape, dtype)} of the tensors saved under `section` (keys without the prefix)."""
+    reader = dcp.FileSystemReader(str(path))
+    out = {}
+    for key, md in reader.read_metadata().state_dict_metadata.items():
+        if key.startswith(section + ".") and isinstance(md, TensorStorageMetadata):
+            out[key[len(section) + 1 :]] = (md.size, md.properties.dtype)
+    return out
+
+
+def load_model_state(path: str | Path, *, verify: bool = True) -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint as CPU tensors, without building the model."""
+    path = resolve_checkpoint(path)
+    if verify:
+        verify_checkpoint(path)
+    sd = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in stored_shapes(path).items()}
+    if not sd:
+        raise CheckpointError(f"checkpoint {path} holds no model weights")
+    state = {"model": sd}
+    _dcp_load(state, path)
+    return state["model"]
+
+
+def check_model_matches(path: Path, model_state: dict[str, torch.Tensor]) -> None:
+    """One-line error unless the checkpoint's model tensors have the shapes the config builds."""
+    stored = stored_shapes(path)
+    for key, t in model_state.items():
+        if key not in stored:
+            raise CheckpointError(f"checkpoint {path} has no '{key}': it was saved from a different model")
+        if tuple(stored[key][0]) != tuple(t.shape):
+            raise CheckpointError(
+                f"checkpoint {path} has '{key}' of shape {tuple(stored[key][0])} but the config builds "
+                f"{tuple(t.shape)}: set model.preset / model fields to match the checkpoint"
+            )
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    verify: bool = True,
+) -> dict[str, Any]:
+    """Load a checkpoint's weights (and optimizer state if given and stored) into `model` /
+    `optimizer`; return its train state (plus "path"). RNG states are left to the caller."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = resolve_checkpoint(path)
+    if verify:
+        verify_checkpoint(path)
+    meta = read_train_state(path)
+    with_optim = optimizer is not None and meta.get("kind") == "full"
+    model_sd, optim_sd = get_state_dict(model, optimizer if with_optim else [])
+    check_model_matches(path, model_sd)
+    state: dict[str, Any] = {"model": model_sd}
+    if with_optim:
+        state["optim"] = optim_sd
+    _dcp_load(state, path)
+    set_state_dict(
+        model,
+        optimizer if with_optim else [],
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"] if with_optim else {},
+    )
+    return {**meta, "path": str(path)}

@@ -1,0 +1,214 @@
+"""Per-step metrics: loss, grad norm, lr, tokens/s, MFU, memory, GPU telemetry.
+
+MFU (model FLOPs utilisation), as in PaLM:
+
+    MFU = tokens_per_second * flops_per_token / peak_flops_per_second
+
+- tokens_per_second: tokens of the global batch over the step's wall time (all ranks together;
+  the peak is then multiplied by the number of devices).
+- flops_per_token: `llama3hp.model.flops.flops_per_token(args, seq_len, doc_lens)`, the forward +
+  backward model FLOPs (6 x matmul parameters + causal attention pairs of the documents actually
+  packed, from the batch's cu_seqlens). Recomputation is not counted.
+- peak: dense bf16 tensor-core FLOP/s of the GPU from `PEAK_BF16_FLOPS` by device name; on CPU
+  the fp32 matmul rate measured once at start (`measure_cpu_peak`: the best of a few 1024^3
+  matmuls), so CPU MFU reads as "fraction of what this machine's BLAS reaches", not a vendor peak.
+  On a shared machine that measurement can land in a busy moment; every step's achieved FLOP/s is
+  also a lower bound on the peak, so a measured peak is raised to the best rate seen (MFU <= 1).
+  `metrics.peak_flops` overrides both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense (no 2:4 sparsity) bf16 tensor-core peaks from the vendors' data sheets, FLOP/s.
+# Matched in order: the first key contained in the device name wins (PCIe before the SXM default).
+PEAK_BF16_FLOPS: list[tuple[str, float]] = [
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM5
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10G", 70e12),
+]
+
+
+def gpu_peak_flops(name: str) -> float | None:
+    """bf16 dense peak for a CUDA device name such as "NVIDIA H100 80GB HBM3", or None if unknown."""
+    for key, peak in PEAK_BF16_FLOPS:
+        if key.lower() in name.lower():
+            return peak
+    return None
+
+
+def measure_cpu_peak(n: int = 1024, repeats: int = 3) -> float:
+    """Best fp32 matmul FLOP/s of an n x n x n product on this CPU (about 0.1 s on 2 cores)."""
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(0))
+    b = torch.randn(n, n, generator=torch.Generator().manual_seed(1))
+    a @ b  # warm-up: thread pool, allocator
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def peak_flops(device: torch.device, override: float = 0.0) -> tuple[float, bool]:
+    """(peak FLOP/s, whether it was measured here rather than taken from the override or table)."""
+    if override > 0:
+        return override, False
+    if device.type == "cuda":
+        peak = gpu_peak_flops(torch.cuda.get_device_name(device))
+        if peak is not None:
+            return peak, False
+    return measure_cpu_peak(), True
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak: float, n_devices: int = 1) -> float:
+    """Model FLOPs utilisation in [0, 1] (see module docstring)."""
+    return tokens_per_s * flops_per_token / (peak * n_devices)
+
+
+def doc_lengths(cu_seqlens: torch.Tensor) -> list[int]:
+    """Document lengths [n_docs] from cu_seqlens [n_docs + 1]."""
+    return torch.diff(cu_seqlens.detach().cpu().long()).tolist()
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: max allocated by the caching allocator; CPU: the process's max resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class GpuTelemetry:
+    """SM clock, temperature, power and memory of one GPU via nvidia-ml-py; inert when absent."""
+
+    def __init__(self, device: torch.device):
+        self.handle = None
+        if device.type != "cuda":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.nvml = pynvml
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        except Exception:  # no driver library, no permission: telemetry is optional
+            self.handle = None
+
+    def read(self) -> dict[str, float]:
+        if self.handle is None:
+            return {}
+        n, h = self.nvml, self.handle
+        try:
+            return {
+                "gpu_sm_clock_mhz": n.nvmlDeviceGetClockInfo(h, n.NVML_CLOCK_SM),
+                "gpu_temp_c": n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU),
+                "gpu_power_w": n.nvmlDeviceGetPowerUsage(h) / 1000.0,
+                "gpu_mem_used_gib": n.nvmlDeviceGetMemoryInfo(h).used / 1024**3,
+            }
+        except Exception:
+            return {}
+
+
+class MetricsLogger:
+    """Writes one JSON row per logged step to metrics.jsonl (and TensorBoard when asked)."""
+
+    def __init__(self, run_dir: Path, *, jsonl: bool = True, tensorboard: bool = False):
+        self.run_dir = run_dir
+        self.path = run_dir / "metrics.jsonl" if jsonl else None
+        self._file = open(self.path, "a") if self.path else None
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            except ImportError:  # tensorboard not installed: optional by design
+                self._tb = None
+        self.rows: list[dict[str, Any]] = []
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if self._file:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+        if self._tb:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+            self._file = None
+        if self._tb:
+            self._tb.close()
+            self._tb = None
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def smoothed(values: Sequence[float], alpha: float = 0.1) -> list[float]:
+    """Exponential moving average with bias correction (as TensorBoard's smoothing)."""
+    out, ema = [], 0.0
+    for i, v in enumerate(values, 1):
+        ema = (1 - alpha) * ema + alpha * v
+        out.append(ema / (1 - (1 - alpha) ** i))
+    return out
+
+
+def plot_loss(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """loss.png: loss per step and its moving average, written to a temp name and renamed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_step = {r["step"]: r["loss"] for r in rows}  # a resumed run re-logs steps: the last one wins
+    steps = sorted(by_step)
+    losses = [by_step[s] for s in steps]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, losses, lw=0.8, alpha=0.5, label="loss")
+    if len(losses) > 1:
+        ax.plot(steps, smoothed(losses), lw=1.6, label="smoothed")
+    ax.axhline(math.log(128256), ls=":", c="gray", lw=0.8, label="ln(128256)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def format_summary(rows: Sequence[dict[str, Any]], wall_s: float) -> str:
+    """The one-line end-of-run summary."""
+    if not rows:
+        return f"no steps run ({wall_s:.1f} s)"
+    last = rows[-1]
+    loss_first, loss_last = rows[0]["loss"], smoothed([r["loss"] for r in rows])[-1]
+    tok_s = sum(r["tokens"] for r in rows) / max(sum(r["step_time_s"] for r in rows), 1e-9)
+    return (
+        f"done: {last['step']} steps, {last['tokens_seen']:,} tokens in {wall_s:.1f} s | "
+        f"loss {loss_first:.3f} -> {last['loss']:.3f} (smoothed {loss_last:.3f}) | "
+        f"{tok_s:,.0f} tok/s | MFU {100 * sum(r['mfu'] for r in rows) / len(rows):.2f}% | "
+        f"peak mem {last['peak_mem_gib']:.2f} GiB"
+    )

@@ -1,0 +1,446 @@
+"""The pre-training loop.
+
+Order of construction (the same on one process and on a mesh):
+1. the model on the meta device (no memory), materialised with `to_empty` + `init_weights(seed)`,
+   whose per-parameter generators give the same weights whatever a rank holds;
+2. `apply_parallelism(model, ctx)`: the hook where TP / activation checkpointing / compile /
+   FSDP are applied from outside the model (identity on one process);
+3. AdamW over the (possibly sharded) parameters; the loader for this rank's (dp_rank, dp_size).
+
+Each optimizer step takes `global_rows / (micro_rows * dp)` micro-batches; every micro-batch's
+loss is computed with reduction="sum" and divided by the global count of target tokens, so the
+accumulated gradient equals the gradient of the mean loss over the whole batch exactly.
+The batch size, sequence length and learning rate are functions of (step, tokens seen)
+(`schedules.py`), and step, tokens, loader and RNG states are checkpointed, so `--resume`
+continues bit-exactly on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llama3hp.config import STDLIB_CORPUS, ConfigError, JobConfig, dump_job_config, job_to_dict
+from llama3hp.train import checkpoint as ckpt
+from llama3hp.train import metrics as M
+from llama3hp.train.schedules import LRSchedule, batch_rows_at, lr_at, plan_tokens, seq_len_at
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """Where this process sits in the job. One process now (world 1); a device mesh replaces it
+    with the same fields, and `all_reduce_sum` then reduces over the data-parallel group."""
+
+    rank: int = 0
+    world_size: int = 1
+    dp_rank: int = 0
+    dp_size: int = 1
+
+    def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of `x` over the data-parallel ranks (x itself on one rank)."""
+        if self.dp_size == 1:
+            return x
+        import torch.distributed as dist
+
+        dist.all_reduce(x)
+        return x
+
+
+def apply_parallelism(model: torch.nn.Module, ctx: ParallelContext) -> torch.nn.Module:
+    """Apply TP, activation checkpointing, compile and data-parallel sharding, in that order (TP
+    first because it rewrites the linears that FSDP then shards). One process: the model as is."""
+    if ctx.world_size != 1:
+        raise ConfigError(
+            f"this trainer runs one process; got WORLD_SIZE={ctx.world_size}: launch without torchrun"
+        )
+    return model
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "training.device=cuda but no CUDA device is available: use training.device=cpu or auto"
+        )
+    return torch.device(name)
+
+
+def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None = plain fp32): bf16 on CUDA by default, fp32 on CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return torch.bfloat16 if dtype == "bfloat16" else None
+
+
+def tune_cpu_allocator() -> None:
+    """Keep large freed blocks in the glibc heap instead of returning them to the OS.
+
+    A CPU step allocates and frees the [tokens, 128256] fp32 logits and their gradient (262 MB
+    each at 512 tokens) plus dense embedding/head gradients; by default glibc serves each with
+    mmap and unmaps it on free, so every step page-faults ~1 GB afresh. Raising the mmap and trim
+    thresholds measured 1.7 s -> 0.95 s per tiny-model step on 2 cores. No-op without glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks under 1 GiB come from the heap
+        libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: keep up to 2 GiB of freed heap
+    except (OSError, AttributeError):  # not glibc (musl, macOS): keep the defaults
+        pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: torch.nn.Module, t: Any, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with no weight decay on norms and biases (1-D parameters). fused on CUDA, foreach on CPU."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name.endswith(("norm.weight", ".bias")) else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": t.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(
+        groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, fused=fused or None, foreach=None if fused else True
+    )
+
+
+def build_model(job: JobConfig, device: torch.device, ctx: ParallelContext) -> torch.nn.Module:
+    from llama3hp.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(job.model)
+    model.to_empty(device=device)
+    model.init_weights(seed=job.training.seed)
+    return apply_parallelism(model, ctx)
+
+
+def resolve_datasets(job: JobConfig, tokenizer: Any) -> list[str]:
+    """data.datasets with '@stdlib' replaced by the stdlib corpus, prepared once into
+    <data_cache>/stdlib-<tokenizer sha prefix>/ and reused afterwards."""
+    out = []
+    for entry in job.data.datasets:
+        name, sep, weight = (
+            entry.rpartition(":") if entry.startswith(STDLIB_CORPUS + ":") else (entry, "", "")
+        )
+        if name != STDLIB_CORPUS:
+            out.append(entry)
+            continue
+        folder = Path(job.data_cache) / f"stdlib-{tokenizer.sha256[:12]}"
+        if not (folder / "manifest.json").is_file():
+            from llama3hp.data import default_corpus_files, prepare
+
+            print(f"preparing the stdlib corpus into {folder} (once)", flush=True)
+            prepare(default_corpus_files(), folder, tokenizer_path=job.data.tokenizer_path)
+        out.append(str(folder) + (sep + weight if sep else ""))
+    return out
+
+
+def new_run_dir(job: JobConfig) -> Path:
+    if job.run_dir:
+        return Path(job.run_dir)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(job.runs_root) / f"{job.name}-{stamp}"
+    path, i = base, 1
+    while path.exists():
+        path, i = Path(f"{base}-{i}"), i + 1
+    return path
+
+
+def find_latest_checkpoint(job: JobConfig) -> Path:
+    """For a bare --resume: checkpoint.dir if set, else the newest run of this name with a checkpoint."""
+    if job.checkpoint.dir:
+        return ckpt.resolve_checkpoint(job.checkpoint.dir)
+    runs = sorted(
+        Path(job.runs_root).glob(f"{job.name}-*/checkpoints/{ckpt.LATEST}"), key=lambda p: p.stat().st_mtime
+    )
+    if not runs:
+        raise ckpt.CheckpointError(
+            f"nothing to resume: no checkpoint under {job.runs_root}/{job.name}-*/checkpoints; pass --resume PATH"
+        )
+    return ckpt.resolve_checkpoint(runs[-1].parent)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    rows: list[dict[str, Any]] = field(default_factory=list)  # the metrics rows of this invocation
+    wall_s: float = 0.0
+    last_checkpoint: Path | None = None
+
+    @property
+    def losses(self) -> list[float]:
+        return [r["loss"] for r in self.rows]
+
+
+class Trainer:
+    """Builds everything from a JobConfig and runs the loop (`run`)."""
+
+    def __init__(
+        self, job: JobConfig, *, ctx: ParallelContext | None = None, resume: str | Path | None = None
+    ):
+        self.job = job
+        self.ctx = ctx or ParallelContext()
+        # Fail on a bad checkpoint path before the minutes of building data and model.
+        resume_path = ckpt.resolve_checkpoint(resume) if resume else None
+        if resume_path is not None:
+            ckpt.verify_checkpoint(resume_path)
+        self.device = select_device(job.training.device)
+        self.amp_dtype = autocast_dtype(job.training.dtype, self.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls that remain (outside autocast)
+            torch.backends.cudnn.allow_tf32 = True
+        else:
+            tune_cpu_allocator()
+        seed_everything(job.training.seed)
+
+        from llama3hp.data import Tokenizer, build_loader
+
+        self.tokenizer = Tokenizer.load(job.data.tokenizer_path)
+        if self.tokenizer.n_words > job.model.vocab_size:
+            raise ConfigError(
+                f"tokenizer has {self.tokenizer.n_words} tokens but model.vocab_size is {job.model.vocab_size}"
+            )
+        data_cfg = dataclasses.replace(job.data, datasets=resolve_datasets(job, self.tokenizer))
+        self.loader = build_loader(
+            data_cfg,
+            dp_rank=self.ctx.dp_rank,
+            dp_size=self.ctx.dp_size,
+            tokenizer_sha256=self.tokenizer.sha256,
+        )
+        self.model = build_model(job, self.device, self.ctx)
+        self.optimizer = build_optimizer(self.model, job.training, self.device)
+
+        self.step = 0
+        self.tokens_seen = 0
+        if resume_path is not None:
+            self._resume(resume_path)
+        elif job.training.init_from:
+            ckpt.load_checkpoint(job.training.init_from, self.model, None)
+        if self.step >= job.training.steps:
+            raise ConfigError(
+                f"checkpoint is at step {self.step}, already >= training.steps={job.training.steps}: "
+                "raise training.steps to continue"
+            )
+        self.run_dir = self._pick_run_dir(resume_path)
+        self.ckpt_dir = Path(job.checkpoint.dir) if job.checkpoint.dir else self.run_dir / "checkpoints"
+        t = job.training
+        self.schedule = LRSchedule(
+            lr=t.lr,
+            total_steps=t.steps,
+            warmup_steps=t.warmup_steps,
+            min_lr_ratio=t.min_lr_ratio,
+            anneal_steps=t.anneal_steps,
+            anneal_tokens=t.anneal_tokens,
+            # Walking 1M+ steps costs a second or two: only when a token-based anneal needs it.
+            total_tokens=plan_tokens(t.steps, t.global_batch_rows, t.seq_len, t.batch_ramp, t.seq_len_stages)
+            if t.anneal_tokens
+            else 0,
+        )
+
+    def _resume(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(path, self.model, self.optimizer, verify=False)  # verified in __init__
+        if state.get("kind") != "full":  # weights only (import / average): a fresh run from them
+            return
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.loader.load_state_dict(state["loader"])
+        rng = ckpt.read_rng_state(path)
+        if rng is not None:
+            ckpt.set_rng_state(rng)
+
+    def _pick_run_dir(self, resume_path: Path | None) -> Path:
+        # Resuming from <run>/checkpoints/step-N continues that run's folder (metrics append).
+        if resume_path is not None and not self.job.run_dir and resume_path.parent.name == "checkpoints":
+            return resume_path.parent.parent
+        return new_run_dir(self.job)
+
+    # ------------------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step; returns its metrics row (without timing)."""
+        t = self.job.training
+        rows = batch_rows_at(t.batch_ramp, self.tokens_seen, t.global_batch_rows)
+        seq_len = seq_len_at(t.seq_len_stages, self.tokens_seen, t.seq_len)
+        accum = t.grad_accum_steps(rows, self.ctx.dp_size)
+        batches = [self.loader.next_batch(t.micro_batch_rows, seq_len).to(self.device) for _ in range(accum)]
+        n_targets = sum((b.targets != IGNORE_INDEX).sum() for b in batches).to(torch.float32)
+        n_targets = self.ctx.all_reduce_sum(n_targets).clamp(min=1.0)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        doc_lens: list[int] = []
+        for b in batches:
+            with self._autocast():
+                loss = self.model(
+                    b.inputs,
+                    targets=b.targets,
+                    cu_seqlens=b.cu_seqlens,
+                    max_seqlen=b.max_seqlen,
+                    reduction="sum",
+                    z_loss_scale=t.z_loss_scale,
+                )
+            (loss / n_targets).backward()
+            loss_sum += loss.detach()
+            doc_lens += M.doc_lengths(b.cu_seqlens)
+        loss_sum = self.ctx.all_reduce_sum(loss_sum)
+        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        lr = lr_at(self.schedule, self.step, self.tokens_seen)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = rows * seq_len
+        self.step += 1
+        self.tokens_seen += tokens
+        return {
+            "step": self.step,
+            "loss": (loss_sum / n_targets).item(),
+            "grad_norm": grad_norm.item(),
+            "lr": lr,
+            "tokens": tokens,
+            "tokens_seen": self.tokens_seen,
+            "global_batch_rows": rows,
+            "seq_len": seq_len,
+            "grad_accum": accum,
+            "_doc_lens": doc_lens,
+        }
+
+    def save(self) -> Path:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        train_state = {
+            "tokens_seen": self.tokens_seen,
+            "loader": self.loader.state_dict(),
+            "schedule": {
+                "lr": lr_at(self.schedule, self.step, self.tokens_seen),
+                **dataclasses.asdict(self.schedule),
+            },
+            "config": job_to_dict(self.job),
+            "model_args": dataclasses.asdict(self.job.model),
+            "run_dir": str(self.run_dir),
+        }
+        return ckpt.save_checkpoint(
+            self.ckpt_dir,
+            self.step,
+            model_state=model_sd,
+            optim_state=optim_sd,
+            train_state=train_state,
+            rng=ckpt.rng_state(),
+            keep=self.job.checkpoint.keep,
+        )
+
+    def run(self) -> TrainResult:
+        from llama3hp.model.flops import flops_per_token
+
+        job, t, mc = self.job, self.job.training, self.job.metrics
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        dump_job_config(job, self.run_dir / "config.json")
+        peak, peak_measured = M.peak_flops(self.device, mc.peak_flops)
+        logger = M.MetricsLogger(self.run_dir, jsonl=mc.jsonl, tensorboard=mc.tensorboard)
+        telemetry = M.GpuTelemetry(self.device) if mc.gpu_telemetry else None
+        result = TrainResult(run_dir=self.run_dir)
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.steps, initial=self.step, disable=not mc.progress, unit="step", dynamic_ncols=True)
+        profiler = None
+        start = time.perf_counter()
+        try:
+            while self.step < t.steps:
+                if mc.profile_steps and self.step == mc.profile_steps[0]:
+                    profiler = self._start_profiler()
+                t0 = time.perf_counter()
+                row = self.train_step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                dt = time.perf_counter() - t0
+                doc_lens = row.pop("_doc_lens")
+                tok_s = row["tokens"] / dt
+                fpt = flops_per_token(job.model, row["seq_len"], doc_lens)
+                if peak_measured:  # see metrics.py: the measured peak is a lower bound
+                    peak = max(peak, tok_s * fpt / self.ctx.world_size)
+                row.update(
+                    step_time_s=dt,
+                    tokens_per_s=tok_s,
+                    flops_per_token=fpt,
+                    mfu=M.mfu(tok_s, fpt, peak, self.ctx.world_size),
+                    peak_mem_gib=M.peak_memory_bytes(self.device) / 1024**3,
+                )
+                if telemetry is not None:
+                    row.update(telemetry.read())
+                result.rows.append(row)
+                if self.step % mc.log_interval == 0 or self.step == t.steps:
+                    logger.log(row)
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{row['loss']:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * row['mfu']:.2f}%"
+                )
+                if profiler is not None and self.step == mc.profile_steps[1]:
+                    self._stop_profiler(profiler)
+                    profiler = None
+                c = job.checkpoint
+                if c.enabled and (
+                    (c.interval and self.step % c.interval == 0) or (c.save_final and self.step == t.steps)
+                ):
+                    result.last_checkpoint = self.save()
+        finally:
+            bar.close()
+            if profiler is not None:
+                self._stop_profiler(profiler)
+            logger.close()
+        result.wall_s = time.perf_counter() - start
+        if mc.plot and mc.jsonl and logger.path and logger.path.is_file():
+            M.plot_loss(M.read_jsonl(logger.path), self.run_dir / "loss.png")
+        print(M.format_summary(result.rows, result.wall_s), flush=True)
+        return result
+
+    def _start_profiler(self):
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        prof = torch.profiler.profile(activities=acts, record_shapes=True)
+        prof.__enter__()
+        prof._llama3hp_start = self.step
+        return prof
+
+    def _stop_profiler(self, prof) -> None:
+        prof.__exit__(None, None, None)
+        path = self.run_dir / f"trace-steps-{prof._llama3hp_start}-{self.step}.json"
+        tmp = path.with_name(path.name + ".tmp")
+        prof.export_chrome_trace(str(tmp))
+        os.replace(tmp, path)
+
+
+def train(
+    job: JobConfig, *, resume: str | Path | None = None, ctx: ParallelContext | None = None
+) -> TrainResult:
+    """Build a Trainer from `job` and run it."""
+    return Trainer(job, ctx=ctx, resume=resume).run()

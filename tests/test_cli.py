@@ -1,0 +1,151 @@
+"""The command line: every user error is one line on stderr and exit code 2."""
+
+import json
+
+import pytest
+import torch
+
+from llama3hp.cli import main
+from llama3hp.train import checkpoint as ckpt
+
+
+def _one_line_error(capsys, argv, contains):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert contains in lines[0], lines[0]
+
+
+@pytest.fixture
+def weights_ckpt(tmp_path):
+    """A weights-only checkpoint of a 1-layer, dim-64 model (as `llama3hp import` writes)."""
+    import dataclasses
+
+    from llama3hp.model import Transformer, get_model_args
+
+    args = dataclasses.replace(
+        get_model_args("tiny"), dim=64, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=512
+    )
+    model = Transformer(args)
+    model.init_weights(0)
+    return ckpt.save_checkpoint(
+        tmp_path / "ck",
+        7,
+        model_state=model.state_dict(),
+        optim_state=None,
+        train_state={"model_args": dataclasses.asdict(args)},
+    )
+
+
+def test_help_exits_zero(capsys):
+    for argv in (["--help"], ["train", "--help"], ["average", "--help"], ["import", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
+    assert "usage" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, contains",
+    [
+        (["train", "--config", "tiny", "traning.lr=1"], "did you mean 'training.lr'?"),
+        (["train", "--config", "tiny", "training.steps=ten"], "expected int"),
+        (["train", "--config", "/nonexistent/job.toml"], "config file not found"),
+        (["train", "--config", "tiny", "model.preset=llama9"], "unknown model preset"),
+        (["train", "--config", "tiny", "training.global_batch_rows=3"], "not divisible"),
+        (["train", "--config", "tiny", "training.warmup_steps=99999"], "warmup_steps"),
+        (["train"], "--config"),
+        (["info", "llama9"], "unknown model preset"),
+        (["info", "tiny", "--seq-len", "x"], "invalid int value"),
+        (
+            ["export", "--checkpoint", "/nonexistent/ck", "--format", "hf", "--out", "/tmp/x"],
+            "checkpoint not found",
+        ),
+        (["export", "--checkpoint", "/tmp", "--format", "onnx", "--out", "/tmp/x"], "invalid choice"),
+        (
+            ["import", "--format", "hf", "--src", "/nonexistent/src", "--out", "/tmp/x"],
+            "source folder not found",
+        ),
+        (["average", "/nonexistent/ck", "--out", "/tmp/x"], "checkpoint not found"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_user_errors_are_one_line_exit_2(capsys, argv, contains):
+    _one_line_error(capsys, argv, contains)
+
+
+def test_bad_toml_and_resume_without_checkpoint(capsys, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[training\n")
+    _one_line_error(capsys, ["train", "--config", str(bad)], "bad TOML")
+    _one_line_error(
+        capsys, ["train", "--config", "tiny", f"runs_root={tmp_path}/runs", "--resume"], "nothing to resume"
+    )
+    _one_line_error(
+        capsys, ["train", "--config", "tiny", "--resume", str(tmp_path / "none")], "checkpoint not found"
+    )
+
+
+def test_corrupted_checkpoint_is_named(capsys, tmp_path, weights_ckpt):
+    shard = next(weights_ckpt.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    _one_line_error(
+        capsys,
+        ["export", "--checkpoint", str(weights_ckpt), "--format", "hf", "--out", str(tmp_path / "o")],
+        f"corrupted (SHA-256 mismatch): {shard}",
+    )
+
+
+def test_prepare(capsys, tmp_path):
+    src = tmp_path / "a.txt"
+    src.write_text("def f(x):\n    return x + 1\n")
+    assert main(["prepare", str(src), "--out", str(tmp_path / "ds"), "--workers", "1"]) == 0
+    assert json.loads((tmp_path / "ds" / "manifest.json").read_text())["n_tokens"] > 5
+    assert "tokens" in capsys.readouterr().out
+    _one_line_error(
+        capsys, ["prepare", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")], "input not found"
+    )
+
+
+def test_info_json(capsys):
+    assert main(["info", "llama3_8b", "--json", "--seq-len", "4096"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert 8.0e9 < info["params"]["total"] < 8.1e9 and info["seq_len"] == 4096
+
+
+def test_export_import_average_roundtrip(capsys, tmp_path, weights_ckpt):
+    for fmt in ("hf", "meta"):
+        out = tmp_path / f"export-{fmt}"
+        assert (
+            main(
+                [
+                    "export",
+                    "--checkpoint",
+                    str(weights_ckpt.parent),
+                    "--format",
+                    fmt,
+                    "--out",
+                    str(out),
+                    "--dtype",
+                    "float32",
+                ]
+            )
+            == 0
+        )
+        assert (
+            main(["import", "--format", fmt, "--src", str(out), "--out", str(tmp_path / f"imp-{fmt}")]) == 0
+        )
+        back = ckpt.load_model_state(tmp_path / f"imp-{fmt}")
+        orig = ckpt.load_model_state(weights_ckpt)
+        assert back.keys() == orig.keys()
+        for k in orig:
+            assert torch.equal(back[k], orig[k]), k
+    assert main(["average", str(weights_ckpt), str(tmp_path / "imp-hf"), "--out", str(tmp_path / "avg")]) == 0
+    avg = ckpt.load_model_state(tmp_path / "avg")
+    orig = ckpt.load_model_state(weights_ckpt)
+    assert all(torch.equal(avg[k], orig[k]) for k in orig)  # the mean of two equal checkpoints
+    capsys.readouterr()

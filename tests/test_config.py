@@ -1,0 +1,133 @@
+import dataclasses
+
+import pytest
+
+from llama3hp.config import (
+    ConfigError,
+    JobConfig,
+    build_job_config,
+    coerce,
+    job_from_dict,
+    job_to_dict,
+    load_job_config,
+    model_args_from_dict,
+    valid_keys,
+)
+
+
+def test_builtin_tiny_loads_with_types():
+    job = load_job_config("tiny")
+    assert isinstance(job, JobConfig)
+    assert job.model_preset == "tiny" and job.model.dim == 256
+    assert job.data.datasets == ["@stdlib"]
+    assert isinstance(job.training.lr, float) and job.training.steps > 0
+    assert job.training.grad_accum_steps() == job.training.global_batch_rows // job.training.micro_batch_rows
+
+
+def test_overrides_parse_to_field_types():
+    job = load_job_config(
+        "tiny",
+        [
+            "training.lr=1e-3",
+            "training.steps=12",
+            "training.global_batch_rows=8",
+            "model.n_layers=2",
+            "model.kernels.rmsnorm=torch",
+            "model.ffn_dim_multiplier=none",
+            "model.tie_embeddings=true",
+            "metrics.profile_steps=[2, 4]",
+            "training.betas=0.8,0.9",
+            "training.batch_ramp=[[0, 4], [1000, 8]]",
+            'data.datasets=["a:0.5", "b"]',
+            "training.init_from=/x/y",
+        ],
+    )
+    t = job.training
+    assert t.lr == 1e-3 and t.steps == 12 and t.grad_accum_steps() == 4
+    assert job.model.n_layers == 2 and job.model.kernels.rmsnorm == "torch"
+    assert job.model.ffn_dim_multiplier is None and job.model.tie_embeddings is True
+    assert job.metrics.profile_steps == [2, 4] and t.betas == [0.8, 0.9]
+    assert t.batch_ramp == [[0, 4], [1000, 8]] and job.data.datasets == ["a:0.5", "b"]
+    assert t.init_from == "/x/y"
+
+
+def test_preset_is_applied_before_field_overrides():
+    job = build_job_config([("model.n_layers", 3), ("model.preset", "llama3_8b")])
+    assert job.model_preset == "llama3_8b" and job.model.dim == 4096 and job.model.n_layers == 3
+
+
+def test_toml_file_and_roundtrip(tmp_path):
+    f = tmp_path / "job.toml"
+    f.write_text(
+        'name = "x"\n[model]\npreset = "tiny"\nn_layers = 1\n[training]\nsteps = 5\nwarmup_steps = 1\n'
+    )
+    job = load_job_config(str(f), ["training.seq_len=64"])
+    assert job.name == "x" and job.model.n_layers == 1 and job.training.seq_len == 64
+    again = job_from_dict(job_to_dict(job))
+    assert dataclasses.asdict(again) == dataclasses.asdict(job) and again.model_preset == "tiny"
+    assert model_args_from_dict(dataclasses.asdict(job.model)) == job.model
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("traning.lr=1", "unknown config key 'traning.lr'; did you mean 'training.lr'?"),
+        ("model.n_layer=2", "did you mean 'model.n_layers'?"),
+        ("model.kernels.rmsnrm=torch", "did you mean 'model.kernels.rmsnorm'?"),
+        ("training.steps=abc", "bad value 'abc' for 'training.steps': expected int"),
+        ("training.lr=fast", "expected float"),
+        ("training.steps=1.5", "expected int"),
+        ("metrics.jsonl=maybe", "expected bool"),
+        ('training.betas=[0.9, "x"]', "expected list[float]"),
+        ("model.kernels=torch", "is a section"),
+        ("model.preset=llama9", "unknown model preset 'llama9'"),
+        ("training.global_batch_rows=3", "not divisible by micro_batch_rows"),
+        ("training.warmup_steps=100000", "warmup_steps"),
+        ("training.device=tpu", "training.device must be one of"),
+        ("model.kernels.attention=cuda", "unknown kernel backend"),
+        ("training.seq_len=100000", "exceeds model.max_seq_len"),
+        ("nonsense", "write key=value"),
+    ],
+)
+def test_bad_overrides_give_one_clear_line(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_job_config("tiny", [override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_and_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_job_config(str(tmp_path / "none.toml"))
+    with pytest.raises(ConfigError, match="no config named 'tinny'.*did you mean 'tiny'"):
+        load_job_config("tinny")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[training\nsteps = 1\n")
+    with pytest.raises(ConfigError, match="bad TOML"):
+        load_job_config(str(bad))
+
+
+def test_coerce_rules():
+    assert coerce("1e6", int, "k") == 1_000_000
+    assert coerce(3, float, "k") == 3.0 and isinstance(coerce(3, float, "k"), float)
+    assert coerce("None", int | None, "k") is None
+    assert coerce("7", int | None, "k") == 7
+    with pytest.raises(ConfigError):
+        coerce(True, int, "k")
+    assert "training.lr" in valid_keys(JobConfig()) and "model.kernels.swiglu" in valid_keys(JobConfig())
+
+
+@pytest.mark.parametrize("name", ["tiny", "llama3_1b", "llama3_8b", "llama3_70b", "llama3_405b"])
+def test_every_builtin_config_is_valid(name):
+    job = load_job_config(name)
+    assert job.name == name and job.model_preset in (name, "tiny")
+
+
+def test_405b_recipe_ramps_batch_and_context():
+    from llama3hp.train.schedules import batch_rows_at, seq_len_at
+
+    t = load_job_config("llama3_405b").training
+    tokens = [0, 252_000_000, 2_870_000_000_000, 15_466_000_000_000]
+    assert [
+        batch_rows_at(t.batch_ramp, x, t.global_batch_rows) * seq_len_at(t.seq_len_stages, x, t.seq_len)
+        for x in tokens
+    ] == [4 * 2**20, 8 * 2**20, 16 * 2**20, 16 * 2**20]
