@@ -183,10 +183,21 @@ def apply_rope(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotates q [B, T, Hq, D] and k [B, T, Hk, D] by positions [B, T] (see module docstring).
 
-    inplace: write the rotated values into q and k (and return them); autograd-safe.
+    inplace: write the rotated values into q and k (and return them); autograd-safe for tensors
+    that are not views. Autograd cannot track a two-output Function that mutates views (such as
+    q/k sliced from a projection's output), so that case is refused; the model rotates out of place.
     """
     check_backend(backend)
     _check(q, k, positions, inv_freq)
+    if (
+        inplace
+        and torch.is_grad_enabled()
+        and (q._is_view() or k._is_view())
+        and (q.requires_grad or k.requires_grad)
+    ):
+        raise ValueError(
+            "in-place RoPE cannot rotate views that require grad (an autograd limit): pass inplace=False"
+        )
     if use_triton(backend, q, k, positions, inv_freq):
         if inplace and (q.stride(-1) != 1 or k.stride(-1) != 1):
             raise ValueError(

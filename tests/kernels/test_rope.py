@@ -115,3 +115,14 @@ def test_rope_rejects_bad_inputs():
             torch.zeros(1, 4, dtype=torch.long),
             _inv_freq(6),
         )
+
+
+def test_inplace_on_views_that_require_grad_is_refused():
+    qkv = torch.randn(1, 4, 3 * 2 * 8, requires_grad=True) * 1.0
+    q = qkv[..., :16].view(1, 4, 2, 8)
+    k = qkv[..., 16:32].view(1, 4, 2, 8)
+    pos = torch.arange(4)[None]
+    inv_freq = torch.rand(4)
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match="inplace=False"):
+            apply_rope(q, k, pos, inv_freq, inplace=True, backend=backend)
