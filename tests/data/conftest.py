@@ -10,10 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from data_testing import FAKE_SHA  # noqa: E402
 
 from llama3hp.data import Tokenizer, write_token_dataset
-
-FAKE_SHA = "f" * 64
 
 
 @pytest.fixture(scope="session")

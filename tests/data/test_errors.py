@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_SHA
+from data_testing import FAKE_SHA
 
 from llama3hp.data import DataConfig, DataError, TokenDataset, Tokenizer, build_loader, prepare
 from llama3hp.data.blend import parse_dataset_spec

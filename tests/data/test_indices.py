@@ -105,7 +105,7 @@ def test_cmake_build_and_ctest(tmp_path):
 
 @needs_cpp
 def test_loader_rows_identical_with_and_without_cpp(synth, monkeypatch):
-    from conftest import FAKE_SHA
+    from data_testing import FAKE_SHA
 
     from llama3hp.data import DataConfig, build_loader
 

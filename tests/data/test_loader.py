@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import FAKE_SHA
+from data_testing import FAKE_SHA
 
 from llama3hp.data import Batch, DataConfig, build_loader
 
