@@ -30,9 +30,8 @@ class _Parser(argparse.ArgumentParser):
 def _cmd_train(a: argparse.Namespace) -> int:
     from llama3hp.config import build_job_config, flatten, load_job_config, parse_override
     from llama3hp.train import checkpoint as ckpt
-    from llama3hp.train.trainer import ParallelContext, find_latest_checkpoint, train
+    from llama3hp.train.trainer import build_parallel_context, find_latest_checkpoint, train
 
-    ctx = ParallelContext()
     resume = a.resume
     if isinstance(resume, str) and "=" in resume and not Path(resume).exists():
         a.overrides.append(resume)  # `--resume key=value`: a bare --resume followed by an override
@@ -46,12 +45,21 @@ def _cmd_train(a: argparse.Namespace) -> int:
         if stored is None:
             raise UsageError(f"train: checkpoint {resume} stores no config; give --config")
         pairs = flatten(stored) + [parse_override(o) for o in a.overrides]
-        job = build_job_config(pairs, dp_size=ctx.dp_size)
+        job = build_job_config(pairs)
     else:
-        job = load_job_config(a.config, a.overrides, dp_size=ctx.dp_size)
-    if resume is True:
-        resume = find_latest_checkpoint(job)
-    train(job, resume=resume, ctx=ctx)
+        job = load_job_config(a.config, a.overrides)
+    # Under torchrun: join the process group and build the [parallel] mesh (the batch is then
+    # re-validated against the data-parallel degree); one process otherwise.
+    ctx = build_parallel_context(job)
+    try:
+        if resume is True:
+            resume = find_latest_checkpoint(job)
+        train(job, resume=resume, ctx=ctx)
+    finally:
+        if ctx.mesh is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     return 0
 
 

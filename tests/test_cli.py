@@ -149,3 +149,28 @@ def test_export_import_average_roundtrip(capsys, tmp_path, weights_ckpt):
     orig = ckpt.load_model_state(weights_ckpt)
     assert all(torch.equal(avg[k], orig[k]) for k in orig)  # the mean of two equal checkpoints
     capsys.readouterr()
+
+
+def test_train_under_torchrun_runs_the_layout_and_writes_once(tmp_path):
+    """`llama3hp train` on 2 torchrun processes (gloo): DP2 with ZeRO-1, one metrics file, one summary."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.train.parallel_harness import SMALL, write_dataset
+
+    data = write_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+        "-m", "llama3hp.cli", "train", "--config", "tiny", *SMALL, f'data.datasets=["{data}"]',
+        "training.steps=2", "parallel.dp=-1", f"run_dir={run}", "checkpoint.enabled=true",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["grad_accum"] == 2  # 4 rows = 2 ranks x 2
+    assert proc.stdout.count("done: 2 steps") == 1, proc.stdout  # the summary from rank 0 only
+    state = ckpt.read_train_state(run / "checkpoints")
+    assert state["step"] == 2 and state["parallel"]["dp"] == 2

@@ -131,3 +131,40 @@ def test_405b_recipe_ramps_batch_and_context():
         batch_rows_at(t.batch_ramp, x, t.global_batch_rows) * seq_len_at(t.seq_len_stages, x, t.seq_len)
         for x in tokens
     ] == [4 * 2**20, 8 * 2**20, 16 * 2**20, 16 * 2**20]
+
+
+@pytest.mark.parametrize(
+    "name, world, layout",
+    [
+        ("llama3_8b", 8, (1, 1, 1, 8)),
+        ("llama3_70b", 64, (8, 1, 1, 8)),
+        ("llama3_405b", 8192, (8, 1, 16, 64)),
+        ("llama3_405b_8k", 8192, (8, 1, 16, 64)),
+        ("llama3_405b_128k", 8192, (8, 16, 16, 4)),
+    ],
+)
+def test_cluster_configs_carry_layouts_valid_for_their_world(name, world, layout):
+    from llama3hp.config import validate
+    from llama3hp.parallel import resolve_dims, validate_layout
+    from llama3hp.parallel.parallelize import check_schedule
+
+    job = load_job_config(name)
+    cfg, t = job.parallel, job.training
+    dims = resolve_dims(cfg, world)
+    assert (dims.tp, dims.cp, dims.pp, dims.dp) == layout and dims.world_size == world
+    validate(job, dp_size=dims.dp)  # every batch-ramp entry splits over the data-parallel ranks
+    validate_layout(cfg, dims, job.model, t.seq_len)
+    if dims.pp > 1:
+        check_schedule(cfg.pp_schedule, dims.pp, cfg.pp_virtual_stages, t.grad_accum_steps(None, dims.dp))
+    if cfg.dp != -1 or dims.tp * dims.cp * dims.pp > 1:
+        with pytest.raises(ValueError, match="world size"):  # one rank more does not fit the layout
+            resolve_dims(cfg, world + 1)
+
+
+def test_405b_128k_on_the_papers_16384_gpus_needs_dp8():
+    from llama3hp.parallel import resolve_dims
+
+    job = load_job_config("llama3_405b_128k", ["parallel.dp=8"])
+    assert resolve_dims(job.parallel, 16384).dp == 8
+    with pytest.raises(ValueError, match="16384"):
+        resolve_dims(load_job_config("llama3_405b_128k").parallel, 16384)

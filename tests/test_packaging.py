@@ -15,13 +15,24 @@ def test_kernels_install_as_a_subpackage(tmp_path):
     assert Path(k.__file__).resolve().parent == ROOT / "kernels"
     # Outside the checkout (no cwd on sys.path) the install must not expose a top-level `kernels`.
     code = "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else None)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
     assert not out.stdout.strip().startswith(str(ROOT)), out.stdout
 
 
 def test_top_level_layout():
-    for name in ("csrc", "llama3hp", "kernels", "benchmarks", "launch", "tests", "setup.py", "CMakeLists.txt",
-                 "README.md"):
+    for name in (
+        "csrc",
+        "llama3hp",
+        "kernels",
+        "benchmarks",
+        "launch",
+        "tests",
+        "setup.py",
+        "CMakeLists.txt",
+        "README.md",
+    ):
         assert (ROOT / name).exists(), name
 
 

@@ -174,6 +174,9 @@ class DeviceMesh4D:
     dp_cp_group: dist.ProcessGroup | None
     pp_ranks: list[int]  # global ranks of this rank's pipeline, by stage
     device: torch.device
+    # All ranks of the layout (0 .. world_size-1): job-wide collectives and checkpoints. None on one
+    # process; the default group when the layout spans every launched rank.
+    world_group: dist.ProcessGroup | None = None
 
     @property
     def coords(self) -> dict[str, int]:
@@ -248,6 +251,10 @@ def build_mesh(cfg: ParallelConfig, device: torch.device | str | None = None) ->
                 mine[key] = g
                 if key == ("pp",):
                     pp_ranks = members
+    world_group = None
+    if world > 1:
+        members = list(range(dims.world_size))
+        world_group = dist.group.WORLD if dims.world_size == world else dist.new_group(members)
     if rank >= dims.world_size:
         return None
     return DeviceMesh4D(
@@ -260,4 +267,5 @@ def build_mesh(cfg: ParallelConfig, device: torch.device | str | None = None) ->
         mine[("cp", "dp")],
         pp_ranks,
         torch.device(device),
+        world_group,
     )

@@ -12,6 +12,13 @@ Layout of a checkpoint folder (`<dir>/step-XXXXXXXX/`):
 A save writes everything into `step-XXXXXXXX.tmp/`, writes the manifest, renames the folder, then
 updates the `latest` pointer file (temp name + rename) LAST: a crash at any point leaves `latest`
 on the previous complete checkpoint. Only the last `keep` checkpoints are kept.
+
+On a mesh (`group` given) every rank writes its own shards into the temp folder through DCP (a
+collective: it returns once every rank's files and the `.metadata` exist); rank 0 alone writes the
+run-level files, the manifest over every rank's files, renames and moves `latest`; its outcome is
+broadcast so every rank raises the same one-line error. Loading verifies the manifest on rank 0
+only. The stored tensors always have global shapes (see `llama3hp/parallel/state.py`), so any
+layout, or one process, reads them.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -54,6 +62,9 @@ def _quiet_dcp():
     # DCP warns on every call that no process group exists; single-process saves are intended.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        # Mesh checkpoints hand DCP ShardedTensors of arbitrary row blocks (parallel/state.py): the
+        # one DCP container that takes per-rank chunk lists; DTensor placements cannot express them.
+        warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor.*", category=FutureWarning)
         yield
 
 
@@ -161,38 +172,83 @@ def save_checkpoint(
     train_state: dict[str, Any],
     rng: dict[str, Any] | None = None,
     keep: int = 0,
+    group: dist.ProcessGroup | None = None,
 ) -> Path:
     """Write checkpoint `step` under `folder`; return its path. keep > 0 prunes older ones.
 
-    train_state must be JSON-serialisable; "kind" is set to "full" or "weights".
+    train_state must be JSON-serialisable; "kind" is set to "full" or "weights". With `group` (a
+    mesh's world group) every rank of it calls this with its own sharded states; train_state and
+    rng are read on rank 0 only.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     final = folder / step_dirname(step)
     tmp = folder / (final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash
-    tmp.mkdir()
+    leader = group is None or dist.get_rank(group) == 0
+    err = None
+    if leader:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash
+            tmp.mkdir()
+        except OSError as e:
+            err = f"cannot create checkpoint folder {tmp}: {e.strerror}"
+    _raise_shared(err, group)
     state: dict[str, Any] = {"model": model_state}
     if optim_state is not None:
         state["optim"] = optim_state
     try:
         with _quiet_dcp():
-            dcp.save(state, checkpoint_id=str(tmp))
+            dcp.save(state, checkpoint_id=str(tmp), process_group=group)
     except CheckpointException as e:  # a BaseException: would otherwise escape `except Exception`
-        raise CheckpointError(f"saving checkpoint {final} failed: {str(e).splitlines()[0]}") from None
-    meta = {**train_state, "kind": "full" if optim_state is not None else "weights", "step": step}
-    (tmp / TRAIN_STATE).write_text(json.dumps(meta, indent=1) + "\n")
-    if rng is not None:
-        with open(tmp / RNG_STATE, "wb") as f:
-            pickle.dump(rng, f)
-    write_manifest(tmp)
-    _publish(tmp, final)
-    _write_atomic(folder / LATEST, (final.name + "\n").encode())
-    if keep > 0:
-        for old in list_checkpoints(folder)[:-keep]:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+        raise CheckpointError(f"saving checkpoint {final} failed: {_failure_text(e)}") from None
+    if leader:
+        try:
+            meta = {**train_state, "kind": "full" if optim_state is not None else "weights", "step": step}
+            (tmp / TRAIN_STATE).write_text(json.dumps(meta, indent=1) + "\n")
+            if rng is not None:
+                with open(tmp / RNG_STATE, "wb") as f:
+                    pickle.dump(rng, f)
+            write_manifest(tmp)  # every rank's DCP files exist: dcp.save returned on all of them
+            _publish(tmp, final)
+            _write_atomic(folder / LATEST, (final.name + "\n").encode())
+            if keep > 0:
+                for old in list_checkpoints(folder)[:-keep]:
+                    if old != final:
+                        shutil.rmtree(old, ignore_errors=True)
+        except OSError as e:
+            err = f"finishing checkpoint {final} failed: {e}"
+    _raise_shared(err, group)
     return final
+
+
+def _failure_text(e: CheckpointException) -> str:
+    """One line from a CheckpointException: the first failing rank's own error when it carries one."""
+    failures = getattr(e, "failures", None) or {}
+    for rank, (exc, _trace) in sorted(failures.items()):
+        text = f"{type(exc).__name__}: {exc}".strip().splitlines()
+        return f"rank {rank}: {text[0][:300]}"
+    return str(e).strip().splitlines()[-1][:300]
+
+
+def _raise_shared(err: str | None, group: dist.ProcessGroup | None) -> None:
+    """Rank 0's error (or None) raised on every rank of `group`; a barrier in any case."""
+    if group is not None:
+        box = [err]
+        dist.broadcast_object_list(box, group=group, group_src=0)
+        err = box[0]
+    if err is not None:
+        raise CheckpointError(err)
+
+
+def verify_checkpoint_shared(folder: Path, group: dist.ProcessGroup | None) -> None:
+    """verify_checkpoint on rank 0 of `group` (hashing every file once, not once per rank)."""
+    err = None
+    if group is None or dist.get_rank(group) == 0:
+        try:
+            verify_checkpoint(folder)
+        except CheckpointError as e:
+            err = str(e)
+    _raise_shared(err, group)
 
 
 def read_train_state(path: str | Path) -> dict[str, Any]:
@@ -211,14 +267,13 @@ def read_rng_state(path: Path) -> dict[str, Any] | None:
         return pickle.load(fh)
 
 
-def _dcp_load(state: dict[str, Any], path: Path) -> None:
+def dcp_load(state: dict[str, Any], path: Path, group: dist.ProcessGroup | None = None) -> None:
+    """DCP load into `state` in place (collective over `group`); CheckpointError on failure."""
     try:
         with _quiet_dcp():
-            dcp.load(state, checkpoint_id=str(path))
+            dcp.load(state, checkpoint_id=str(path), process_group=group)
     except CheckpointException as e:
-        raise CheckpointError(
-            f"loading checkpoint {path} failed: {str(e).strip().splitlines()[-1][:300]}"
-        ) from None
+        raise CheckpointError(f"loading checkpoint {path} failed: {_failure_text(e)}") from None
 
 
 def stored_shapes(path: Path, section: str = "model") -> dict[str, tuple[torch.Size, torch.dtype]]:
@@ -240,20 +295,22 @@ def load_model_state(path: str | Path, *, verify: bool = True) -> dict[str, torc
     if not sd:
         raise CheckpointError(f"checkpoint {path} holds no model weights")
     state = {"model": sd}
-    _dcp_load(state, path)
+    dcp_load(state, path)
     return state["model"]
 
 
-def check_model_matches(path: Path, model_state: dict[str, torch.Tensor]) -> None:
-    """One-line error unless the checkpoint's model tensors have the shapes the config builds."""
+def check_model_matches(path: Path, model_state: dict[str, Any]) -> None:
+    """One-line error unless the checkpoint's model tensors have the shapes the config builds
+    (`model_state` values: tensors, or global shapes)."""
     stored = stored_shapes(path)
     for key, t in model_state.items():
+        shape = tuple(t) if isinstance(t, (tuple, list, torch.Size)) else tuple(t.shape)
         if key not in stored:
             raise CheckpointError(f"checkpoint {path} has no '{key}': it was saved from a different model")
-        if tuple(stored[key][0]) != tuple(t.shape):
+        if tuple(stored[key][0]) != shape:
             raise CheckpointError(
                 f"checkpoint {path} has '{key}' of shape {tuple(stored[key][0])} but the config builds "
-                f"{tuple(t.shape)}: set model.preset / model fields to match the checkpoint"
+                f"{shape}: set model.preset / model fields to match the checkpoint"
             )
 
 
@@ -277,12 +334,62 @@ def load_checkpoint(
     check_model_matches(path, model_sd)
     state: dict[str, Any] = {"model": model_sd}
     if with_optim:
-        state["optim"] = optim_sd
-    _dcp_load(state, path)
+        # Only the per-parameter state is read: hyperparameters come from the config, and a
+        # checkpoint written on a mesh stores no param_groups.
+        state["optim"] = {"state": optim_sd["state"]}
+    dcp_load(state, path)
+    if with_optim:
+        state["optim"]["param_groups"] = optim_sd["param_groups"]
     set_state_dict(
         model,
         optimizer if with_optim else [],
         model_state_dict=state["model"],
         optim_state_dict=state["optim"] if with_optim else {},
     )
+    return {**meta, "path": str(path)}
+
+
+def save_sharded_checkpoint(
+    folder: str | Path,
+    step: int,
+    pm: Any,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    group: dist.ProcessGroup | None,
+    train_state: dict[str, Any],
+    rng: dict[str, Any] | None = None,
+    keep: int = 0,
+) -> Path:
+    """Every rank of a mesh (`pm`: a ParallelModel) writes its unique shards of the weights and AdamW
+    state under their global names and shapes; see `save_checkpoint` for the protocol."""
+    from llama3hp.parallel.state import sharded_state_dict
+
+    sd = sharded_state_dict(pm, optimizer, group, for_save=True)
+    return save_checkpoint(
+        folder, step, model_state=sd["model"], optim_state=sd.get("optim"), train_state=train_state,
+        rng=rng, keep=keep, group=group,
+    )  # fmt: skip
+
+
+def load_sharded_checkpoint(
+    path: str | Path,
+    pm: Any,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    group: dist.ProcessGroup | None,
+    verify: bool = True,
+) -> dict[str, Any]:
+    """Load a checkpoint saved under any layout into this rank's shards (`pm`: a ParallelModel) and,
+    if given and stored, the AdamW state; return the train state (plus "path")."""
+    from llama3hp.parallel.state import finish_load, global_shapes, sharded_state_dict
+
+    path = resolve_checkpoint(path)
+    if verify:
+        verify_checkpoint_shared(path, group)
+    meta = read_train_state(path)
+    check_model_matches(path, global_shapes(pm))
+    with_optim = optimizer is not None and meta.get("kind") == "full"
+    state = sharded_state_dict(pm, optimizer if with_optim else None, group, for_save=False)
+    dcp_load(state, path, group)
+    finish_load(pm, optimizer if with_optim else None, state)
     return {**meta, "path": str(path)}

@@ -2,10 +2,18 @@
 
 Order of construction (the same on one process and on a mesh):
 1. the model on the meta device (no memory), materialised with `to_empty` + `init_weights(seed)`,
-   whose per-parameter generators give the same weights whatever a rank holds;
-2. `apply_parallelism(model, ctx)`: the hook where TP / activation checkpointing / compile /
-   FSDP are applied from outside the model (identity on one process);
-3. AdamW over the (possibly sharded) parameters; the loader for this rank's (dp_rank, dp_size).
+   whose per-parameter generators give the same weights whatever a rank holds. Every rank
+   materialises the WHOLE model and `parallelize` then keeps its shards (whole-then-shard: simple
+   and identical across layouts; a rank-local materialisation would save host memory at 405B);
+2. `apply_parallelism(model, ctx, cfg)`: TP/SP and CP, the pipeline split and ZeRO data
+   parallelism applied from outside the model (`llama3hp.parallel.parallelize`; the plain model on
+   one process);
+3. AdamW over the (possibly sharded) parameters; the loader for this rank's (dp_rank, dp_size): all
+   TP/CP/PP ranks of one DP replica read the same rows.
+
+On a mesh (torchrun with WORLD_SIZE > 1: `build_parallel_context`) rank 0 alone creates the run
+folder and writes config.json, metrics.jsonl, loss.png, the progress bar and the summary; every
+rank writes its checkpoint shards (`checkpoint.save_sharded_checkpoint`).
 
 Each optimizer step takes `global_rows / (micro_rows * dp)` micro-batches; every micro-batch's
 loss is computed with reduction="sum" and divided by the global count of target tokens, so the
@@ -29,8 +37,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from llama3hp.config import STDLIB_CORPUS, ConfigError, JobConfig, dump_job_config, job_to_dict
+from llama3hp.config import STDLIB_CORPUS, ConfigError, JobConfig, dump_job_config, job_to_dict, validate
+from llama3hp.parallel.mesh import DeviceMesh4D, ParallelConfig
 from llama3hp.train import checkpoint as ckpt
 from llama3hp.train import metrics as M
 from llama3hp.train.schedules import LRSchedule, batch_rows_at, lr_at, plan_tokens, seq_len_at
@@ -40,32 +50,72 @@ IGNORE_INDEX = -100
 
 @dataclass(frozen=True)
 class ParallelContext:
-    """Where this process sits in the job. One process now (world 1); a device mesh replaces it
-    with the same fields, and `all_reduce_sum` then reduces over the data-parallel group."""
+    """Where this process sits in the job: one process (no mesh), or a rank of a 4D mesh."""
 
     rank: int = 0
     world_size: int = 1
     dp_rank: int = 0
     dp_size: int = 1
+    mesh: DeviceMesh4D | None = None
 
-    def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum of `x` over the data-parallel ranks (x itself on one rank)."""
-        if self.dp_size == 1:
-            return x
-        import torch.distributed as dist
+    @property
+    def is_leader(self) -> bool:
+        """Global rank 0: the one rank that writes run-level files."""
+        return self.rank == 0
 
-        dist.all_reduce(x)
-        return x
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        """All ranks of the layout (None on one process)."""
+        return self.mesh.world_group if self.mesh is not None else None
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank of the layout."""
+        if self.group is None:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, group=self.group, group_src=0)
+        return box[0]
 
 
-def apply_parallelism(model: torch.nn.Module, ctx: ParallelContext) -> torch.nn.Module:
-    """Apply TP, activation checkpointing, compile and data-parallel sharding, in that order (TP
-    first because it rewrites the linears that FSDP then shards). One process: the model as is."""
-    if ctx.world_size != 1:
+def context_from_mesh(mesh: DeviceMesh4D | None) -> ParallelContext:
+    if mesh is None or mesh.dims.world_size == 1:
+        return ParallelContext()
+    return ParallelContext(mesh.rank, mesh.dims.world_size, mesh.dp_rank, mesh.dims.dp, mesh)
+
+
+def build_parallel_context(job: JobConfig) -> ParallelContext:
+    """Join torchrun's process group (NCCL on CUDA, gloo on CPU) and build the mesh of job.parallel;
+    one process without WORLD_SIZE. Every rank must be part of the layout."""
+    from llama3hp.parallel import build_mesh, init_distributed
+
+    _, world = init_distributed()
+    if world == 1:
+        return ParallelContext()
+    try:
+        mesh = build_mesh(job.parallel)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if mesh is None or mesh.dims.world_size != world:
+        n = world if mesh is None else mesh.dims.world_size
         raise ConfigError(
-            f"this trainer runs one process; got WORLD_SIZE={ctx.world_size}: launch without torchrun"
+            f"the [parallel] layout uses fewer ranks than the {world} launched ({n}): set parallel.dp=-1 "
+            "or launch tp*cp*pp*dp processes"
         )
-    return model
+    return context_from_mesh(mesh)
+
+
+def apply_parallelism(model: torch.nn.Module, ctx: ParallelContext, cfg: ParallelConfig):
+    """TP/SP and CP, the pipeline split, then ZeRO data parallelism (see parallel/parallelize.py for
+    why in that order): a ParallelModel on a mesh, the model as is on one process."""
+    if ctx.mesh is None:
+        if ctx.world_size != 1:
+            raise ConfigError(
+                f"WORLD_SIZE={ctx.world_size} but no device mesh: build the context with a mesh"
+            )
+        return model
+    from llama3hp.parallel import parallelize
+
+    return parallelize(model, ctx.mesh, cfg)
 
 
 def select_device(name: str) -> torch.device:
@@ -128,14 +178,44 @@ def build_optimizer(model: torch.nn.Module, t: Any, device: torch.device) -> tor
     )
 
 
-def build_model(job: JobConfig, device: torch.device, ctx: ParallelContext) -> torch.nn.Module:
+def build_model(job: JobConfig, device: torch.device, ctx: ParallelContext):
+    """The plain model on one process; this rank's ParallelModel on a mesh."""
     from llama3hp.model import Transformer
 
     with torch.device("meta"):
         model = Transformer(job.model)
     model.to_empty(device=device)
     model.init_weights(seed=job.training.seed)
-    return apply_parallelism(model, ctx)
+    return apply_parallelism(model, ctx, job.parallel)
+
+
+def build_sharded_optimizer(pm: Any, t: Any, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over a ParallelModel's fp32 shards (decay for matrices, none for norms)."""
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(
+        pm.param_groups(t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
+        fused=fused or None, foreach=None if fused else True,
+    )  # fmt: skip
+
+
+def check_layout(job: JobConfig, ctx: ParallelContext) -> None:
+    """One-line ConfigError for a batch or model the mesh cannot split."""
+    if ctx.mesh is None:
+        return
+    from llama3hp.parallel import validate_layout
+
+    t = job.training
+    validate(job, dp_size=ctx.dp_size)
+    try:
+        for seq in {t.seq_len, *(s for _, s in t.seq_len_stages)}:
+            validate_layout(job.parallel, ctx.mesh.dims, job.model, seq)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def dataset_vocab_size(loader: Any) -> int:
+    """The largest vocabulary the loader's datasets were prepared with (token ids are below it)."""
+    return max(ds.vocab_size for ds in loader.datasets)
 
 
 def resolve_datasets(job: JobConfig, tokenizer: Any) -> list[str]:
@@ -204,11 +284,14 @@ class Trainer:
     ):
         self.job = job
         self.ctx = ctx or ParallelContext()
+        check_layout(job, self.ctx)
         # Fail on a bad checkpoint path before the minutes of building data and model.
         resume_path = ckpt.resolve_checkpoint(resume) if resume else None
         if resume_path is not None:
-            ckpt.verify_checkpoint(resume_path)
+            ckpt.verify_checkpoint_shared(resume_path, self.ctx.group)
         self.device = select_device(job.training.device)
+        if self.ctx.mesh is not None and self.device.type == "cuda":
+            self.device = self.ctx.mesh.device  # the rank's own GPU (LOCAL_RANK)
         self.amp_dtype = autocast_dtype(job.training.dtype, self.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls that remain (outside autocast)
@@ -220,32 +303,46 @@ class Trainer:
         from llama3hp.data import Tokenizer, build_loader
 
         self.tokenizer = Tokenizer.load(job.data.tokenizer_path)
-        if self.tokenizer.n_words > job.model.vocab_size:
-            raise ConfigError(
-                f"tokenizer has {self.tokenizer.n_words} tokens but model.vocab_size is {job.model.vocab_size}"
-            )
-        data_cfg = dataclasses.replace(job.data, datasets=resolve_datasets(job, self.tokenizer))
+        datasets = resolve_datasets(job, self.tokenizer) if self.ctx.is_leader else None
+        # Rank 0 prepares the stdlib corpus when missing; the others wait for its folder names.
+        data_cfg = dataclasses.replace(job.data, datasets=self.ctx.broadcast(datasets))
         self.loader = build_loader(
             data_cfg,
             dp_rank=self.ctx.dp_rank,
             dp_size=self.ctx.dp_size,
             tokenizer_sha256=self.tokenizer.sha256,
         )
-        self.model = build_model(job, self.device, self.ctx)
-        self.optimizer = build_optimizer(self.model, job.training, self.device)
+        vocab = dataset_vocab_size(self.loader)
+        if vocab > job.model.vocab_size:
+            raise ConfigError(
+                f"the datasets hold token ids up to {vocab - 1} but model.vocab_size is {job.model.vocab_size}: "
+                "raise model.vocab_size or use data prepared with a smaller tokenizer"
+            )
+        built = build_model(job, self.device, self.ctx)
+        self.pm = built if self.ctx.mesh is not None else None  # ParallelModel on a mesh
+        self.model = None if self.pm is not None else built
+        if self.pm is not None:
+            self.optimizer = build_sharded_optimizer(self.pm, job.training, self.device)
+        else:
+            self.optimizer = build_optimizer(self.model, job.training, self.device)
 
         self.step = 0
         self.tokens_seen = 0
         if resume_path is not None:
             self._resume(resume_path)
         elif job.training.init_from:
-            ckpt.load_checkpoint(job.training.init_from, self.model, None)
+            if self.pm is not None:
+                ckpt.load_sharded_checkpoint(job.training.init_from, self.pm, None, group=self.ctx.group)
+            else:
+                ckpt.load_checkpoint(job.training.init_from, self.model, None)
         if self.step >= job.training.steps:
             raise ConfigError(
                 f"checkpoint is at step {self.step}, already >= training.steps={job.training.steps}: "
                 "raise training.steps to continue"
             )
-        self.run_dir = self._pick_run_dir(resume_path)
+        self.run_dir = Path(
+            self.ctx.broadcast(str(self._pick_run_dir(resume_path)) if self.ctx.is_leader else None)
+        )
         self.ckpt_dir = Path(job.checkpoint.dir) if job.checkpoint.dir else self.run_dir / "checkpoints"
         t = job.training
         self.schedule = LRSchedule(
@@ -262,7 +359,12 @@ class Trainer:
         )
 
     def _resume(self, path: Path) -> None:
-        state = ckpt.load_checkpoint(path, self.model, self.optimizer, verify=False)  # verified in __init__
+        if self.pm is not None:  # any layout's checkpoint (or one process's) into this rank's shards
+            state = ckpt.load_sharded_checkpoint(
+                path, self.pm, self.optimizer, group=self.ctx.group, verify=False
+            )  # verified in __init__
+        else:
+            state = ckpt.load_checkpoint(path, self.model, self.optimizer, verify=False)
         if state.get("kind") != "full":  # weights only (import / average): a fresh run from them
             return
         self.step = int(state["step"])
@@ -292,8 +394,52 @@ class Trainer:
         seq_len = seq_len_at(t.seq_len_stages, self.tokens_seen, t.seq_len)
         accum = t.grad_accum_steps(rows, self.ctx.dp_size)
         batches = [self.loader.next_batch(t.micro_batch_rows, seq_len).to(self.device) for _ in range(accum)]
+        if self.pm is not None:
+            loss, grad_norm, doc_lens = self._mesh_step(batches)
+        else:
+            loss, grad_norm, doc_lens = self._local_step(batches)
+        lr = lr_at(self.schedule, self.step, self.tokens_seen)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        if self.pm is not None:
+            self.pm.after_optimizer_step()
+            self.pm.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        tokens = rows * seq_len
+        self.step += 1
+        self.tokens_seen += tokens
+        return {
+            "step": self.step,
+            "loss": loss.item(),
+            "grad_norm": grad_norm.item(),
+            "lr": lr,
+            "tokens": tokens,
+            "tokens_seen": self.tokens_seen,
+            "global_batch_rows": rows,
+            "seq_len": seq_len,
+            "grad_accum": accum,
+            "_doc_lens": doc_lens,
+        }
+
+    def _mesh_step(self, batches: list[Any]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Forward and backward of the step's micro-batches through the mesh; the clipped global norm."""
+        from llama3hp.parallel import MicroBatch
+
+        t = self.job.training
+        mbs = [MicroBatch(b.inputs, b.targets, b.cu_seqlens, b.max_seqlen) for b in batches]
+        with self._autocast():
+            loss = self.pm.forward_backward(mbs, z_loss_scale=t.z_loss_scale)
+        grad_norm = self.pm.clip_grad_norm_(t.grad_clip)
+        doc_lens = [n for b in batches for n in M.doc_lengths(b.cu_seqlens)]
+        return loss, grad_norm, doc_lens
+
+    def _local_step(self, batches: list[Any]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Forward and backward of the step's micro-batches on one process; the clipped norm."""
+        t = self.job.training
         n_targets = sum((b.targets != IGNORE_INDEX).sum() for b in batches).to(torch.float32)
-        n_targets = self.ctx.all_reduce_sum(n_targets).clamp(min=1.0)
+        n_targets = n_targets.clamp(min=1.0)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         doc_lens: list[int] = []
         for b in batches:
@@ -309,34 +455,11 @@ class Trainer:
             (loss / n_targets).backward()
             loss_sum += loss.detach()
             doc_lens += M.doc_lengths(b.cu_seqlens)
-        loss_sum = self.ctx.all_reduce_sum(loss_sum)
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
-        lr = lr_at(self.schedule, self.step, self.tokens_seen)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        tokens = rows * seq_len
-        self.step += 1
-        self.tokens_seen += tokens
-        return {
-            "step": self.step,
-            "loss": (loss_sum / n_targets).item(),
-            "grad_norm": grad_norm.item(),
-            "lr": lr,
-            "tokens": tokens,
-            "tokens_seen": self.tokens_seen,
-            "global_batch_rows": rows,
-            "seq_len": seq_len,
-            "grad_accum": accum,
-            "_doc_lens": doc_lens,
-        }
+        return loss_sum / n_targets, grad_norm, doc_lens
 
     def save(self) -> Path:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         train_state = {
             "tokens_seen": self.tokens_seen,
             "loader": self.loader.state_dict(),
@@ -347,7 +470,16 @@ class Trainer:
             "config": job_to_dict(self.job),
             "model_args": dataclasses.asdict(self.job.model),
             "run_dir": str(self.run_dir),
+            "parallel": dataclasses.asdict(self.ctx.mesh.dims) if self.ctx.mesh is not None else None,
         }
+        if self.pm is not None:  # every rank its shards; the loader position is global: rank 0's
+            return ckpt.save_sharded_checkpoint(
+                self.ckpt_dir, self.step, self.pm, self.optimizer, group=self.ctx.group,
+                train_state=train_state, rng=ckpt.rng_state(), keep=self.job.checkpoint.keep,
+            )  # fmt: skip
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return ckpt.save_checkpoint(
             self.ckpt_dir,
             self.step,
@@ -362,20 +494,28 @@ class Trainer:
         from llama3hp.model.flops import flops_per_token
 
         job, t, mc = self.job, self.job.training, self.job.metrics
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        dump_job_config(job, self.run_dir / "config.json")
-        peak, peak_measured = M.peak_flops(self.device, mc.peak_flops)
-        logger = M.MetricsLogger(self.run_dir, jsonl=mc.jsonl, tensorboard=mc.tensorboard)
-        telemetry = M.GpuTelemetry(self.device) if mc.gpu_telemetry else None
+        lead = self.ctx.is_leader  # run-level files, bar and summary on global rank 0 only
+        if lead:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_job_config(job, self.run_dir / "config.json")
+        peak, peak_measured = M.peak_flops(self.device, mc.peak_flops) if lead else (1.0, False)
+        logger = M.MetricsLogger(self.run_dir, jsonl=mc.jsonl and lead, tensorboard=mc.tensorboard and lead)
+        telemetry = M.GpuTelemetry(self.device) if mc.gpu_telemetry and lead else None
         result = TrainResult(run_dir=self.run_dir)
         from tqdm import tqdm
 
-        bar = tqdm(total=t.steps, initial=self.step, disable=not mc.progress, unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=t.steps,
+            initial=self.step,
+            disable=not (mc.progress and lead),
+            unit="step",
+            dynamic_ncols=True,
+        )
         profiler = None
         start = time.perf_counter()
         try:
             while self.step < t.steps:
-                if mc.profile_steps and self.step == mc.profile_steps[0]:
+                if lead and mc.profile_steps and self.step == mc.profile_steps[0]:
                     profiler = self._start_profiler()
                 t0 = time.perf_counter()
                 row = self.train_step()
@@ -397,7 +537,7 @@ class Trainer:
                 if telemetry is not None:
                     row.update(telemetry.read())
                 result.rows.append(row)
-                if self.step % mc.log_interval == 0 or self.step == t.steps:
+                if lead and (self.step % mc.log_interval == 0 or self.step == t.steps):
                     logger.log(row)
                 bar.update(1)
                 bar.set_postfix(
@@ -417,9 +557,10 @@ class Trainer:
                 self._stop_profiler(profiler)
             logger.close()
         result.wall_s = time.perf_counter() - start
-        if mc.plot and mc.jsonl and logger.path and logger.path.is_file():
+        if lead and mc.plot and mc.jsonl and logger.path and logger.path.is_file():
             M.plot_loss(M.read_jsonl(logger.path), self.run_dir / "loss.png")
-        print(M.format_summary(result.rows, result.wall_s), flush=True)
+        if lead:
+            print(M.format_summary(result.rows, result.wall_s), flush=True)
         return result
 
     def _start_profiler(self):
