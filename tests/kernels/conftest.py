@@ -23,3 +23,17 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", lambda *a, **k: _poison(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _poison(empty_like(*a, **k)))
     yield
+
+
+@pytest.fixture(autouse=True)
+def _kernel_device():
+    """On a GPU machine the same tests check the compiled kernels: tensors are created on CUDA (on CPU
+    they stay on the CPU, where conftest's TRITON_INTERPRET=1 runs the kernels in the interpreter)."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    torch.set_default_device("cuda")
+    try:
+        yield
+    finally:
+        torch.set_default_device("cpu")

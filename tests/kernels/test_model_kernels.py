@@ -22,7 +22,7 @@ def _train(backend: str, attention_backend: str) -> list[float]:
     )  # fmt: skip
     with torch.device("meta"):
         model = model_lib.Transformer(args)
-    model.to_empty(device="cpu")
+    model.to_empty(device=torch.get_default_device())
     model.init_weights(seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     data = torch.Generator().manual_seed(1234)
