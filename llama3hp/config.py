@@ -2,7 +2,7 @@
 
 A job is read from a built-in name (a TOML file in `launch/configs/`) or a TOML path, then
 `key=value` overrides with dotted keys are applied (`training.lr=1e-3`, `model.n_layers=2`,
-`model.kernels.rmsnorm=torch`). Values are parsed to the field's declared type; unknown keys are
+`model.kernels.rmsnorm=torch`, `fp8.recipe=rowwise`). Values are parsed to the field's declared type; unknown keys are
 rejected with the closest valid name. The model is picked by `[model] preset = "tiny"` (a name
 from `llama3hp.model.PRESETS`); the other `[model]` keys override the preset's fields.
 
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from llama3hp.data import DataConfig
+from llama3hp.fp8.config import Fp8Config
 from llama3hp.model import ModelArgs, get_model_args
 from llama3hp.parallel.mesh import ParallelConfig
 
@@ -90,6 +91,7 @@ class MetricsConfig:
     gpu_telemetry: bool = True  # SM clock, temperature, power via nvidia-ml-py on CUDA
     profile_steps: list[int] = field(default_factory=list)  # [start, end): torch.profiler trace window
     peak_flops: float = 0.0  # peak FLOP/s for MFU (0 = from the GPU table, or measured on CPU)
+    peak_fp8_flops: float = 0.0  # FP8 peak FLOP/s for the FP8 MFUs (0 = from the GPU table; see metrics.py)
 
 
 @dataclass
@@ -107,6 +109,9 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # checkpoints
     metrics: MetricsConfig = field(default_factory=MetricsConfig)  # logging and profiling
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # 4D layout [TP, CP, PP, DP]
+    # FP8 linears in the transformer blocks (TOML [fp8]); off by default: recipe "none". Turn on with
+    # fp8.recipe=rowwise (sm89+ GPUs; emulated GEMM on CPU), emulated, te_delayed or te_current.
+    fp8: Fp8Config = field(default_factory=lambda: Fp8Config(recipe="none"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,6 +186,11 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str):
             return value
         raise bad()
+    if typing.get_origin(tp) is tuple:  # only tuple[X, ...] (e.g. fp8.include): a list, kept immutable
+        item_args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        if len(item_args) != 1:
+            raise ConfigError(f"'{key}' has unsupported type {_type_name(tp)}")
+        return tuple(coerce(value, list[item_args[0]], key))
     if typing.get_origin(tp) is list:
         (item_tp,) = typing.get_args(tp) or (Any,)
         if isinstance(value, str):
@@ -406,6 +416,18 @@ def validate(job: JobConfig, *, dp_size: int = 1) -> None:
     if m.profile_steps and (len(m.profile_steps) != 2 or not 0 <= m.profile_steps[0] < m.profile_steps[1]):
         raise ConfigError(
             f"metrics.profile_steps must be [start, end) with 0 <= start < end, got {m.profile_steps}"
+        )
+    if m.peak_fp8_flops < 0:
+        raise ConfigError(f"metrics.peak_fp8_flops must be >= 0, got {m.peak_fp8_flops}")
+    try:
+        job.fp8.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    p = job.parallel
+    if job.fp8.enabled and (p.tp > 1 or p.cp > 1 or p.pp > 1):
+        raise ConfigError(
+            f"fp8.recipe={job.fp8.recipe} with tp={p.tp}, cp={p.cp}, pp={p.pp}: the parallel blocks call the "
+            "weights directly and would bypass the FP8 linears; use fp8.recipe=none or tp=cp=pp=1"
         )
     if not job.data.datasets:
         raise ConfigError("data.datasets is empty: give at least one prepared dataset folder (or '@stdlib')")

@@ -3,14 +3,14 @@
     from llama3hp.fp8 import Fp8Config, apply_fp8
     converted = apply_fp8(model, Fp8Config(recipe="rowwise"))   # FQNs of the linears now in FP8
 
-Recipes: "rowwise" (dynamic per-row scales, Triton/CUDA quantization, torch._scaled_mm),
+Recipes: "none" (off), "rowwise" (dynamic per-row scales, Triton/CUDA quantization, torch._scaled_mm),
 "emulated" (the same math through torch's float8 dtypes and fp32 matmuls, any device),
 "te_delayed" / "te_current" (Transformer Engine, when it imports). `fp8_mfu` reports throughput
 against the bf16, FP8 and mixed peaks.
 """
 
 from llama3hp.fp8.config import BLOCK_LINEARS, RECIPES, Fp8Config
-from llama3hp.fp8.convert import apply_fp8, select_fp8_linears
+from llama3hp.fp8.convert import apply_fp8, fp8_linear_names, select_fp8_linears
 from llama3hp.fp8.linear import Fp8Linear, Fp8LinearFunction
 from llama3hp.fp8.mfu import Fp8Mfu, fp8_flops_per_token, fp8_flops_share, fp8_mfu
 from llama3hp.fp8.te import build_te_recipe, te_autocast, te_available
@@ -26,6 +26,7 @@ __all__ = [
     "build_te_recipe",
     "fp8_flops_per_token",
     "fp8_flops_share",
+    "fp8_linear_names",
     "fp8_mfu",
     "select_fp8_linears",
     "te_autocast",

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-RECIPES = ("rowwise", "emulated", "te_delayed", "te_current")
+# "none" turns FP8 off (the trainer's default, `JobConfig.fp8`); the others are described at `recipe`.
+RECIPES = ("none", "rowwise", "emulated", "te_delayed", "te_current")
 QUANT_BACKENDS = ("auto", "triton", "torch", "cuda")
 GEMM_BACKENDS = ("auto", "scaled_mm", "triton", "torch")
 FP8_FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
@@ -30,6 +31,7 @@ class Fp8Config:
     """How `apply_fp8` converts a model. Defaults: every linear of the transformer blocks in FP8
     (row-wise dynamic scaling, E4M3), attention math, embedding and output head in bf16."""
 
+    # "none": no FP8 (apply_fp8 converts nothing);
     # "rowwise": dynamic per-row scales, Triton quantization, torch._scaled_mm (emulated GEMM off sm89+);
     # "emulated": the same math through torch's float8 dtypes and fp32 matmuls (CPU tests);
     # "te_delayed" / "te_current": Transformer Engine modules under fp8_autocast.
@@ -90,6 +92,37 @@ class Fp8Config:
             if not ok:
                 raise ValueError(msg)
         return self
+
+    def check_device(self, device: torch.device) -> Fp8Config:
+        """Raise a one-line ValueError when this recipe cannot run on `device` (naming the fix).
+
+        "rowwise" needs FP8 tensor cores (sm89+: Ada, Hopper, Blackwell) on CUDA; on CPU it runs the
+        emulated GEMM, which is what the tests use. TE recipes need transformer_engine and a GPU.
+        """
+        self.validate()
+        if self.recipe == "rowwise" and device.type == "cuda":
+            cap = torch.cuda.get_device_capability(device)
+            if cap < (8, 9):
+                name = torch.cuda.get_device_name(device)
+                raise ValueError(
+                    f"fp8.recipe=rowwise needs FP8 tensor cores (sm89+: L40S, H100, H200) but {name} is "
+                    f"sm{cap[0]}{cap[1]}: use fp8.recipe=emulated (slow, for checks) or fp8.recipe=none"
+                )
+        if self.uses_te:
+            from llama3hp.fp8.te import te_available
+
+            if not te_available():
+                raise ValueError(
+                    f"fp8.recipe={self.recipe} needs Transformer Engine: pip install "
+                    "'transformer-engine[pytorch]', or use fp8.recipe=rowwise"
+                )
+            if device.type != "cuda":
+                raise ValueError(f"fp8.recipe={self.recipe} runs on CUDA only: use fp8.recipe=rowwise on CPU")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.recipe != "none"
 
     @property
     def fwd_torch_dtype(self) -> torch.dtype:

@@ -30,6 +30,8 @@ def _block_range(model: nn.Module) -> tuple[int, int] | None:
 def select_fp8_linears(model: nn.Module, config: Fp8Config) -> list[str]:
     """FQNs of the nn.Linear modules `config` puts in FP8, in module order."""
     config.validate()
+    if not config.enabled:
+        return []
     blocks = _block_range(model) if config.skip_first_last_blocks else None
     chosen = []
     for name, mod in model.named_modules():
@@ -43,6 +45,20 @@ def select_fp8_linears(model: nn.Module, config: Fp8Config) -> list[str]:
             continue
         chosen.append(name)
     return chosen
+
+
+def fp8_linear_names(model: nn.Module) -> list[str]:
+    """FQNs of the modules of `model` that run in FP8 (Fp8Linear, or te.pytorch.Linear), in module order."""
+    te_linear = None
+    if any(type(m).__module__.startswith("transformer_engine") for m in model.modules()):
+        import transformer_engine.pytorch as te
+
+        te_linear = te.Linear
+    return [
+        name
+        for name, mod in model.named_modules()
+        if isinstance(mod, Fp8Linear) or (te_linear is not None and isinstance(mod, te_linear))
+    ]
 
 
 def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:

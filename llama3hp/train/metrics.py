@@ -15,6 +15,20 @@ MFU (model FLOPs utilisation), as in PaLM:
   On a shared machine that measurement can land in a busy moment; every step's achieved FLOP/s is
   also a lower bound on the peak, so a measured peak is raised to the best rate seen (MFU <= 1).
   `metrics.peak_flops` overrides both.
+
+With FP8 on (`fp8.recipe` not "none") each row also carries, from `llama3hp.fp8.fp8_mfu`:
+
+    fp8_share       s = fp8_flops_per_token / flops_per_token   (6 x params of the converted linears)
+    model_tflops    tokens_per_second * flops_per_token / n_devices / 1e12
+    mfu_bf16        achieved / P16     (the `mfu` column; can pass 100% of what bf16 allows)
+    mfu_fp8         achieved / P8      (as if every FLOP could have run in FP8)
+    mfu_mixed       achieved / P_mixed,  P_mixed = 1 / ((1 - s) / P16 + s / P8)
+
+P_mixed is the time-weighted peak: the bf16 share takes its time at P16 whatever the FP8 share
+does. P8 is the dense FP8 tensor-core peak from `PEAK_FP8_FLOPS` (`metrics.peak_fp8_flops`
+overrides it). A GPU without FP8 tensor cores (A100) has no P8: mfu_fp8 and mfu_mixed are left
+out and `fp8_mfu_note` says why. On CPU the FP8 GEMMs are emulated on the fp32 units, so P8 = P16
+= the measured peak.
 """
 
 from __future__ import annotations
@@ -42,13 +56,32 @@ PEAK_BF16_FLOPS: list[tuple[str, float]] = [
     ("A10G", 70e12),
 ]
 
+# Dense FP8 (E4M3/E5M2) tensor-core peaks, FP8 x FP8 -> fp32 accumulate, FLOP/s; same matching rule.
+# A100 and A10G have no FP8 tensor cores and are absent on purpose.
+PEAK_FP8_FLOPS: list[tuple[str, float]] = [
+    ("H200", 1979e12),
+    ("H100 PCIe", 1513e12),
+    ("H100 NVL", 1671e12),
+    ("H100", 1979e12),  # SXM5
+    ("L40S", 733e12),
+]
 
-def gpu_peak_flops(name: str) -> float | None:
-    """bf16 dense peak for a CUDA device name such as "NVIDIA H100 80GB HBM3", or None if unknown."""
-    for key, peak in PEAK_BF16_FLOPS:
+
+def _lookup(table: list[tuple[str, float]], name: str) -> float | None:
+    for key, peak in table:
         if key.lower() in name.lower():
             return peak
     return None
+
+
+def gpu_fp8_peak_flops(name: str) -> float | None:
+    """FP8 dense peak for a CUDA device name, or None for a GPU without FP8 tensor cores (or unknown)."""
+    return _lookup(PEAK_FP8_FLOPS, name)
+
+
+def gpu_peak_flops(name: str) -> float | None:
+    """bf16 dense peak for a CUDA device name such as "NVIDIA H100 80GB HBM3", or None if unknown."""
+    return _lookup(PEAK_BF16_FLOPS, name)
 
 
 def measure_cpu_peak(n: int = 1024, repeats: int = 3) -> float:
@@ -73,6 +106,46 @@ def peak_flops(device: torch.device, override: float = 0.0) -> tuple[float, bool
         if peak is not None:
             return peak, False
     return measure_cpu_peak(), True
+
+
+def fp8_peak_flops(device: torch.device, bf16_peak: float, override: float = 0.0) -> tuple[float | None, str]:
+    """(FP8 peak FLOP/s or None, a note saying where it came from or why there is none)."""
+    if override > 0:
+        return override, "metrics.peak_fp8_flops"
+    if device.type != "cuda":
+        return bf16_peak, "CPU: FP8 GEMMs emulated on the fp32 units, FP8 peak = measured peak"
+    name = torch.cuda.get_device_name(device)
+    peak = gpu_fp8_peak_flops(name)
+    if peak is None:
+        return None, f"{name} has no FP8 tensor-core peak in PEAK_FP8_FLOPS: FP8 MFU omitted"
+    return peak, f"{name} dense FP8 peak"
+
+
+def fp8_fields(
+    tokens_per_s: float,
+    flops_per_token: float,
+    fp8_flops_per_token: float,
+    peak_bf16: float,
+    peak_fp8: float | None,
+    n_devices: int = 1,
+    note: str = "",
+) -> dict[str, float | str]:
+    """The FP8 columns of a metrics row (see module docstring); mfu_fp8/mfu_mixed only with a P8."""
+    from llama3hp.fp8 import fp8_mfu
+
+    per_device = tokens_per_s / n_devices
+    fpt8 = min(fp8_flops_per_token, flops_per_token)
+    m = fp8_mfu(flops_per_token, fpt8, per_device, peak_bf16, peak_fp8 or peak_bf16)
+    out: dict[str, float | str] = {
+        "fp8_share": m.fp8_share,
+        "model_tflops": m.model_tflops,
+        "mfu_bf16": m.mfu_bf16,
+    }
+    if peak_fp8 is None:
+        out["fp8_mfu_note"] = note or "no FP8 peak for this device: FP8 MFU omitted"
+    else:
+        out |= {"mfu_fp8": m.mfu_fp8, "mfu_mixed": m.mfu_mixed, "peak_mixed_tflops": m.peak_mixed_tflops}
+    return out
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak: float, n_devices: int = 1) -> float:
@@ -211,4 +284,10 @@ def format_summary(rows: Sequence[dict[str, Any]], wall_s: float) -> str:
         f"loss {loss_first:.3f} -> {last['loss']:.3f} (smoothed {loss_last:.3f}) | "
         f"{tok_s:,.0f} tok/s | MFU {100 * sum(r['mfu'] for r in rows) / len(rows):.2f}% | "
         f"peak mem {last['peak_mem_gib']:.2f} GiB"
+        + (
+            f" | FP8 {100 * last['fp8_share']:.0f}% of FLOPs, mixed MFU "
+            f"{100 * sum(r['mfu_mixed'] for r in rows) / len(rows):.2f}%"
+            if all("mfu_mixed" in r for r in rows)
+            else ""
+        )
     )

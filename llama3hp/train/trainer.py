@@ -5,6 +5,8 @@ Order of construction (the same on one process and on a mesh):
    whose per-parameter generators give the same weights whatever a rank holds. Every rank
    materialises the WHOLE model and `parallelize` then keeps its shards (whole-then-shard: simple
    and identical across layouts; a rank-local materialisation would save host memory at 405B);
+   then FP8 (`job.fp8`, off by default): `llama3hp.fp8.apply_fp8` swaps the block linears for FP8
+   ones from outside the model (see `build_model` for why exactly there);
 2. `apply_parallelism(model, ctx, cfg)`: TP/SP and CP, the pipeline split and ZeRO data
    parallelism applied from outside the model (`llama3hp.parallel.parallelize`; the plain model on
    one process);
@@ -186,7 +188,45 @@ def build_model(job: JobConfig, device: torch.device, ctx: ParallelContext):
         model = Transformer(job.model)
     model.to_empty(device=device)
     model.init_weights(seed=job.training.seed)
+    # FP8 after materialising and before parallelism. After: TE recipes copy the initialised
+    # weights into their own modules (Fp8Linear shares the Parameters, so it would not care), and
+    # the weights are then the same whatever the recipe. Before: tensor parallelism shards the
+    # weights of the modules it finds, compile would trace the modules as they will run, and ZeRO
+    # flattens the parameters the optimizer will own; each must see the final FP8 modules, and a
+    # TE Linear swapped in after ZeRO would hold parameters no optimizer updates.
+    apply_fp8_layers(model, job)
     return apply_parallelism(model, ctx, job.parallel)
+
+
+def apply_fp8_layers(model: torch.nn.Module, job: JobConfig) -> list[str]:
+    """Converts the block linears chosen by job.fp8 (none when fp8.recipe="none"); returns their FQNs.
+
+    TE recipes also wrap the model's forward in te_autocast with the recipe built from job.fp8
+    (forward hooks installed by `llama3hp.fp8.te.apply_te`).
+    """
+    if not job.fp8.enabled:
+        return []
+    from llama3hp.fp8 import apply_fp8
+
+    return apply_fp8(model, job.fp8)
+
+
+def check_fp8(job: JobConfig, ctx: ParallelContext, device: torch.device) -> None:
+    """One-line ConfigError for an FP8 recipe this device or layout cannot run."""
+    if not job.fp8.enabled:
+        return
+    try:
+        job.fp8.check_device(device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if ctx.mesh is not None:
+        # llama3hp.parallel.apply_tp installs ParallelAttention / ParallelFeedForward on every mesh
+        # (tp=1 included) and they call F.linear on the weights, so Fp8Linear.forward never runs.
+        raise ConfigError(
+            f"fp8.recipe={job.fp8.recipe} on a {ctx.world_size}-rank mesh: the parallel blocks call the "
+            "weights with F.linear and would silently bypass the FP8 linears; train FP8 on one process "
+            "or set fp8.recipe=none"
+        )
 
 
 def build_sharded_optimizer(pm: Any, t: Any, device: torch.device) -> torch.optim.AdamW:
@@ -293,6 +333,7 @@ class Trainer:
         if self.ctx.mesh is not None and self.device.type == "cuda":
             self.device = self.ctx.mesh.device  # the rank's own GPU (LOCAL_RANK)
         self.amp_dtype = autocast_dtype(job.training.dtype, self.device)
+        check_fp8(job, self.ctx, self.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls that remain (outside autocast)
             torch.backends.cudnn.allow_tf32 = True
@@ -321,6 +362,12 @@ class Trainer:
         built = build_model(job, self.device, self.ctx)
         self.pm = built if self.ctx.mesh is not None else None  # ParallelModel on a mesh
         self.model = None if self.pm is not None else built
+        if job.fp8.enabled:
+            from llama3hp.fp8 import fp8_linear_names
+
+            self.fp8_fqns = fp8_linear_names(self.model)  # FP8 is single-process only (check_fp8)
+        else:
+            self.fp8_fqns = []
         if self.pm is not None:
             self.optimizer = build_sharded_optimizer(self.pm, job.training, self.device)
         else:
@@ -499,6 +546,11 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_job_config(job, self.run_dir / "config.json")
         peak, peak_measured = M.peak_flops(self.device, mc.peak_flops) if lead else (1.0, False)
+        fp8_fpt = 0.0
+        if self.fp8_fqns:
+            from llama3hp.fp8 import fp8_flops_per_token
+
+            fp8_fpt = fp8_flops_per_token(job.model, fqns=self.fp8_fqns)
         logger = M.MetricsLogger(self.run_dir, jsonl=mc.jsonl and lead, tensorboard=mc.tensorboard and lead)
         telemetry = M.GpuTelemetry(self.device) if mc.gpu_telemetry and lead else None
         result = TrainResult(run_dir=self.run_dir)
@@ -534,6 +586,11 @@ class Trainer:
                     mfu=M.mfu(tok_s, fpt, peak, self.ctx.world_size),
                     peak_mem_gib=M.peak_memory_bytes(self.device) / 1024**3,
                 )
+                if job.fp8.enabled:
+                    # On CPU the FP8 peak follows the measured one (emulated GEMMs): read it each step.
+                    peak8, note = M.fp8_peak_flops(self.device, peak, mc.peak_fp8_flops)
+                    row["fp8_recipe"] = job.fp8.recipe
+                    row.update(M.fp8_fields(tok_s, fpt, fp8_fpt, peak, peak8, self.ctx.world_size, note))
                 if telemetry is not None:
                     row.update(telemetry.read())
                 result.rows.append(row)
