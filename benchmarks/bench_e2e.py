@@ -324,8 +324,8 @@ def run(argv: list[str] | None = None) -> tuple[list[dict], dict, Path]:
     from llama3hp.train.trainer import autocast_dtype
 
     dtype = "bfloat16" if autocast_dtype(t.dtype, device) is not None else "float32"
-    env = harness._environment(device, args.quick)
-    base = {"bench": NAME, "shape": shape, "shape_str": harness._shape_str(shape), "dtype": dtype, **env}
+    env = harness.environment(device, args.quick)
+    base = {"bench": NAME, "shape": shape, "shape_str": harness.shape_str(shape), "dtype": dtype, **env}
     rows = []
     for provider in args.providers or list(RECIPES):
         if provider not in RECIPES:
@@ -339,7 +339,7 @@ def run(argv: list[str] | None = None) -> tuple[list[dict], dict, Path]:
             msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
             new = [{**base, "provider": provider, "mode": m, "error": msg} for m in harness.MODES]
         for r in new:
-            print(harness._row_line(r), flush=True)
+            print(harness.row_line(r), flush=True)
         rows += new
     compare(rows)
     if args.out is not None:
@@ -369,9 +369,8 @@ BENCH = Benchmark(
 
 def main(argv: list[str] | None = None) -> Path:
     rows, peaks, out_dir = run(argv)
-    json_path, md_path = harness.write_results(BENCH, rows, peaks, out_dir)
+    json_path, md_path = harness.write_results(BENCH, rows, peaks, out_dir, extra_md=e2e_table(rows))
     # The shared writer's table plus the end-to-end one, rewritten atomically in place.
-    harness._write_atomic(md_path, md_path.read_text() + "\n" + e2e_table(rows))
     print(f"wrote {json_path} and {md_path}")
     print(e2e_table(rows))
     return out_dir

@@ -83,6 +83,8 @@ class Benchmark:
     peers: tuple[str, ...] = ("torch.compile", "liger")  # speedup columns in the markdown table
     memory: bool = False  # add peak-memory columns (ours vs eager) to the markdown table
     notes: list[str] = field(default_factory=list)
+    # markdown appended under the table, computed from this run's rows (e.g. the issue's targets)
+    summary: Callable[[list[dict]], str] | None = None
 
 
 def import_or_unavailable(module: str, attr: str) -> Any:
@@ -180,11 +182,11 @@ def _peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float | None
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
-def _shape_str(shape: dict) -> str:
+def shape_str(shape: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in shape.items())
 
 
-def _environment(device: torch.device, quick: bool) -> dict[str, Any]:
+def environment(device: torch.device, quick: bool) -> dict[str, Any]:
     return {
         "device": device_slug(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -214,13 +216,13 @@ def run_benchmark(
             f"unknown providers {unknown} for {bench.name}: choose from {', '.join(bench.providers)}"
         )
     peaks = measure_peaks(device, quick)
-    env = _environment(device, quick)
+    env = environment(device, quick)
     rows = []
     for shape in bench.quick_shapes if quick else bench.shapes:
         for provider in names:
             for mode in modes or bench.modes:
                 row = {"bench": bench.name, "provider": provider, "mode": mode, "shape": shape}
-                row |= {"shape_str": _shape_str(shape), "dtype": str(dtype).removeprefix("torch."), **env}
+                row |= {"shape_str": shape_str(shape), "dtype": str(dtype).removeprefix("torch."), **env}
                 try:
                     row |= _measure(bench, provider, shape, mode, device, dtype, peaks)
                 except Unavailable as e:
@@ -228,7 +230,7 @@ def run_benchmark(
                 except Exception as e:  # noqa: BLE001 - a failing peer must not abort the others
                     row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
                 rows.append(row)
-                log(_row_line(row))
+                log(row_line(row))
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     return rows, peaks
@@ -258,7 +260,7 @@ def _measure(bench, provider, shape, mode, device, dtype, peaks) -> dict[str, An
     }
 
 
-def _row_line(row: dict) -> str:
+def row_line(row: dict) -> str:
     head = f"{row['bench']:>14} {row['provider']:>14} {row['mode']:>8} {row['shape_str']:<40}"
     if "ms" in row:
         return f"{head} {row['ms']:9.3f} ms {row['value']:9.4g} {row['metric']} ({100 * row['frac_of_peak']:.0f}% of peak)"
@@ -323,12 +325,14 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def write_results(
-    bench: Benchmark, rows: list[dict], peaks: dict[str, float], out_dir: Path
+    bench: Benchmark, rows: list[dict], peaks: dict[str, float], out_dir: Path, *, extra_md: str = ""
 ) -> tuple[Path, Path]:
-    """Writes <out_dir>/<name>.json (rows) and <name>.md (table); each file appears whole or not at all."""
+    """Writes <out_dir>/<name>.json (rows) and <name>.md (the table, then extra_md, e.g. a targets
+    table); each file appears whole or not at all."""
     json_path, md_path = out_dir / f"{bench.name}.json", out_dir / f"{bench.name}.md"
     _write_atomic(json_path, json.dumps(rows, indent=1, default=str) + "\n")
-    _write_atomic(md_path, markdown_table(bench, rows, peaks))
+    md = markdown_table(bench, rows, peaks)
+    _write_atomic(md_path, md + ("\n" + extra_md if extra_md else ""))
     return json_path, md_path
 
 
@@ -355,6 +359,7 @@ def run_main(bench: Benchmark, argv: list[str] | None = None) -> Path:
         out_dir = Path(tempfile.mkdtemp(prefix="llama3hp-bench-"))
     else:
         out_dir = RESULTS_DIR / device_slug(torch.device("cuda"))
-    json_path, md_path = write_results(bench, rows, peaks, out_dir)
+    extra = bench.summary(rows) if bench.summary else ""
+    json_path, md_path = write_results(bench, rows, peaks, out_dir, extra_md=extra)
     print(f"wrote {json_path} and {md_path}")
     return out_dir
