@@ -7,12 +7,27 @@ every gathered key under the document mask, comparing GLOBAL positions; backward
 dK/dV. Packed documents of any length work: masks come from the global `cu_seqlens`, so a document
 may cross chunk and rank borders. RoPE uses each local token's global document position.
 
+Overlap (`overlap=True`, ParallelConfig.cp_overlap, the default). K/V of layer l+1 depend on layer
+l's output, so the gather cannot run ahead across layers; it overlaps WITHIN the layer's attention:
+1. launch the async all-gather of K and V (`StartAllGatherKV`);
+2. while it is in flight, attend each of the rank's two chunks to its OWN keys (the causal diagonal
+   block of each chunk, documents cut at chunk borders): needs no remote key, ~1/(2cp) of the
+   keys a chunk sees on average, the most expensive blocks being masked;
+3. wait (`WaitKV`), then attend each chunk to every key strictly before the chunk (its document's
+   earlier tokens on any rank; chunk 0 has none and skips this);
+4. merge the two partial results with their log-sum-exps (exact, not an approximation).
+Backward mirrors it: the partial dK/dV of step 3 are reduce-scattered asynchronously (launched by
+`WaitKV`'s backward) while autograd runs the diagonal attention's backward (its nodes were created
+before `WaitKV`, so the engine reaches them before `StartAllGatherKV`'s backward, which waits).
+Both paths compute the same softmax: results agree to float32 rounding.
+
 Shape legend: B rows, T global row length, T_l = T/cp local tokens, H/Hk query/KV heads, Dh head dim.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import bisect
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -21,7 +36,14 @@ import torch.nn.functional as F
 import llama3hp.kernels as K
 from llama3hp.kernels.attention import attention_varlen, build_cp_query_segments
 from llama3hp.kernels.dispatch import use_triton
-from llama3hp.parallel.comm import all_gather_dim, group_rank, group_size, reduce_scatter_dim
+from llama3hp.parallel.comm import (
+    all_gather_dim,
+    all_gather_single,
+    group_rank,
+    group_size,
+    reduce_scatter_dim,
+    reduce_scatter_single,
+)
 
 
 def cp_token_index(T: int, cp: int, rank: int, device=None) -> torch.Tensor:
@@ -54,11 +76,196 @@ class AllGatherKV(torch.autograd.Function):
         return reduce_scatter_dim(g, 1, ctx.group), None
 
 
+class StartAllGatherKV(torch.autograd.Function):
+    """Forward: launch the async all-gather of K and V over CP into sequence-major buffers
+    [T, B, Hk, Dh] that are valid only after `WaitKV`. Backward: wait for the reduce-scatters that
+    `WaitKV`'s backward launched and return this rank's dK, dV [B, T_l, Hk, Dh]."""
+
+    @staticmethod
+    def forward(ctx, k, v, group, pending: list):
+        cp = group_size(group)
+        bufs = []
+        for x in (k, v):
+            xt = x.transpose(0, 1).contiguous()  # [T_l, B, Hk, Dh]: gathers along dim 0 in rank order
+            out = xt.new_empty((cp * xt.shape[0], *xt.shape[1:]))
+            pending.append(all_gather_single(out, xt, group=group, async_op=True))
+            bufs.append(out)
+        ctx.pending = pending
+        return tuple(bufs)
+
+    @staticmethod
+    def backward(ctx, _gk, _gv):
+        works, outs = ctx.pending
+        for w in works:
+            w.wait()
+        return outs[0].transpose(0, 1), outs[1].transpose(0, 1), None, None
+
+
+class WaitKV(torch.autograd.Function):
+    """Forward: wait for `StartAllGatherKV`'s gathers (identity on the buffers). Backward: launch the
+    async reduce-scatter of the gathered keys' gradients and pass them through."""
+
+    @staticmethod
+    def forward(ctx, k_buf, v_buf, group, pending: list):
+        for w in pending:
+            w.wait()
+        pending.clear()
+        ctx.group, ctx.pending = group, pending
+        return k_buf.view_as(k_buf), v_buf.view_as(v_buf)
+
+    @staticmethod
+    def backward(ctx, gk, gv):
+        cp = group_size(ctx.group)
+        works, outs = [], []
+        for g, like in ((gk, gv), (gv, gk)):
+            g = torch.zeros_like(like) if g is None else g.contiguous()
+            out = g.new_empty((g.shape[0] // cp, *g.shape[1:]))
+            works.append(reduce_scatter_single(out, g, group=ctx.group, async_op=True))
+            outs.append(out)
+        ctx.pending[:] = [works, outs]
+        return gk, gv, None, None
+
+
+@dataclass
+class CPSplitSegments:
+    """Varlen segments of one CP rank's split attention (host-built once per micro-batch).
+
+    local_cu: int32 [n + 1] documents cut at chunk borders over the rank's B*T_l local tokens (the
+    diagonal part: self-attention inside each piece). remote[j] for j in (0, 1) (the rank's early and
+    late chunk): None when the chunk has no earlier keys, else (cu_q, cu_k, q_doc, q_pos, max_q,
+    max_k) for the chunk's B*c queries over the B*T gathered keys in global order, each query segment
+    pointed at its document's keys before the chunk (an empty key document when it has none).
+    """
+
+    local_cu: torch.Tensor
+    max_local: int
+    remote: list = field(default_factory=list)
+    remote_has_keys: bool = True  # False when every document of the rank starts inside its chunk
+
+
+def build_cp_split_segments(
+    cu_seqlens: torch.Tensor | None, B: int, T: int, cp: int, rank: int, device=None
+) -> CPSplitSegments:
+    """Segments for `cp_attention_split` (see CPSplitSegments); cu_seqlens over the global B*T tokens."""
+    c = T // (2 * cp)
+    bounds = list(range(0, B * T + 1, T)) if cu_seqlens is None else [int(x) for x in cu_seqlens.tolist()]
+    bset = sorted(set(bounds))
+
+    def pieces(a: int, b: int) -> list[tuple[int, int, int]]:
+        """[a, b) split at document bounds: (start, end, start of the piece's document)."""
+        out = []
+        i = max(0, bisect.bisect_right(bset, a) - 1)
+        while a < b:
+            doc_start = bset[i]
+            end = min(b, bset[i + 1])
+            if end > a:
+                out.append((a, end, doc_start))
+            a = max(a, end)
+            i += 1
+        return out
+
+    slots = (rank, 2 * cp - 1 - rank)
+    local_cu, longest = [0], 1
+    for row in range(B):
+        for j in slots:
+            for a, b, _ in pieces(row * T + j * c, row * T + (j + 1) * c):
+                local_cu.append(local_cu[-1] + b - a)
+                longest = max(longest, b - a)
+    remote, has_keys = [], False
+    for j in slots:
+        if j == 0:
+            remote.append(None)
+            continue
+        cuts = [row * T + j * c for row in range(B)]
+        cu_k = sorted(set(bset) | set(cuts))
+        cu_k.append(cu_k[-1])  # a trailing empty key document for queries with no earlier keys
+        empty = len(cu_k) - 2
+        index = {s: i for i, s in enumerate(cu_k[:-1])}
+        cu_q, q_doc, q_pos, max_q = [0], [], [], 1
+        for row in range(B):
+            for a, b, doc_start in pieces(cuts[row], cuts[row] + c):
+                cu_q.append(cu_q[-1] + b - a)
+                max_q = max(max_q, b - a)
+                q_doc.append(index[doc_start] if doc_start < cuts[row] else empty)
+                has_keys |= doc_start < cuts[row]
+                q_pos.append(T)  # past every key of the (cut) document: all visible, none masked
+        max_k = max([e - s for s, e in zip(cu_k[:-1], cu_k[1:])] + [1])
+        t = lambda x: torch.tensor(x, dtype=torch.int32, device=device)
+        remote.append((t(cu_q), t(cu_k), t(q_doc), t(q_pos), max_q, max_k))
+    return CPSplitSegments(
+        torch.tensor(local_cu, dtype=torch.int32, device=device), longest, remote, has_keys
+    )
+
+
+class AttachKV(torch.autograd.Function):
+    """Forward: identity on out. Backward: also zero gradients for k, v, so the gather's backward
+    (a collective every CP rank must join) runs even when no query of this rank saw a remote key."""
+
+    @staticmethod
+    def forward(ctx, out, k, v):
+        ctx.kv = (k.shape, k.dtype, k.device)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, g):
+        shape, dtype, device = ctx.kv
+        z = torch.zeros(shape, dtype=dtype, device=device)
+        return g, z, z.clone()
+
+
+def cp_attention_split(q, k, v, remote_kv, segs: CPSplitSegments, cp: int, backend: str) -> torch.Tensor:
+    """CP attention as diagonal + remote parts merged by log-sum-exp (the overlapped form).
+
+    q: [B, T_l, H, Dh]; k, v: [B, T_l, Hk, Dh] local; remote_kv(): -> (k_all, v_all) [B, T, Hk, Dh]
+    gathered in rank-major order, called only after the diagonal part is issued (it may block on the
+    all-gather). Returns [B, T_l, H, Dh], equal to `cp_attention_masked` up to fp32 rounding.
+    """
+    B, Tl, H, Dh = q.shape
+    Hk, T, c = k.shape[2], Tl * cp, Tl // 2
+    qf = q.reshape(B * Tl, H, Dh)
+    o1, l1 = attention_varlen(
+        qf, k.reshape(B * Tl, Hk, Dh), v.reshape(B * Tl, Hk, Dh), segs.local_cu, segs.local_cu,
+        segs.max_local, segs.max_local, return_lse=True, backend=backend,
+    )  # fmt: skip
+    k_all, v_all = remote_kv()
+    order = torch.argsort(torch.cat([cp_token_index(T, cp, r, q.device) for r in range(cp)]))
+    k_g = k_all[:, order].reshape(B * T, Hk, Dh)
+    v_g = v_all[:, order].reshape(B * T, Hk, Dh)
+    o2s, l2s = [], []
+    for slot, seg in enumerate(segs.remote):
+        if seg is None:  # the row's first chunk: nothing before it
+            o2s.append(q.new_zeros(B, c, H, Dh))
+            l2s.append(torch.full((H, B, c), float("-inf"), dtype=torch.float32, device=q.device))
+            continue
+        cu_q, cu_k, q_doc, q_pos, max_q, max_k = seg
+        qj = q[:, slot * c : (slot + 1) * c].reshape(B * c, H, Dh)
+        o, lse = attention_varlen(
+            qj, k_g, v_g, cu_q, cu_k, max_q, max_k, q_doc_idx=q_doc, q_pos_offsets=q_pos,
+            return_lse=True, backend=backend,
+        )  # fmt: skip
+        o2s.append(o.view(B, c, H, Dh))
+        l2s.append(lse.view(H, B, c))
+    o2 = torch.cat(o2s, dim=1).reshape(B * Tl, H, Dh)
+    l2 = torch.cat(l2s, dim=2).reshape(H, B * Tl)
+    # Every query sees itself in the diagonal part, so the merged lse is finite; rows with no earlier
+    # key have l2 = -inf and weight exactly 0 (logaddexp's gradient there is 0 as well, never NaN).
+    lse = torch.logaddexp(l1, l2)
+    w1 = torch.exp(l1 - lse).T[:, :, None]
+    w2 = torch.exp(l2 - lse).T[:, :, None]
+    out = (o1.float() * w1 + o2.float() * w2).to(q.dtype).view(B, Tl, H, Dh)
+    if not segs.remote_has_keys:  # nothing above depends on k_all, v_all: keep the gather in the graph
+        out = AttachKV.apply(out, k_all, v_all)
+    return out
+
+
 @dataclass
 class CPComm:
     """The CP group; `attention` is what ParallelAttention calls instead of kernels.attention."""
 
     group: dist.ProcessGroup | None = None
+    overlap: bool = True  # split attention so the K/V all-gather runs under the diagonal blocks
+    _segs_key: tuple | None = field(default=None, repr=False)
+    _segs: CPSplitSegments | None = field(default=None, repr=False)
 
     @property
     def size(self) -> int:
@@ -73,11 +280,32 @@ class CPComm:
     ) -> torch.Tensor:
         """q: [B, T_l, H, Dh]; k, v: [B, T_l, Hk, Dh] local; cu_seqlens: int32 over the GLOBAL B*T tokens.
         Returns [B, T_l, H, Dh]."""
+        if self.overlap:
+            return self._attention_overlapped(q, k, v, cu_seqlens, backend)
         k_all = AllGatherKV.apply(k.contiguous(), self.group)  # [B, T, Hk, Dh], rank-major order
         v_all = AllGatherKV.apply(v.contiguous(), self.group)
         if use_triton(backend, q, k, v):
             return _cp_attention_varlen(q, k_all, v_all, cu_seqlens, self.size, self.rank, backend)
         return cp_attention_masked(q, k_all, v_all, cu_seqlens, self.size, self.rank)
+
+    def _attention_overlapped(self, q, k, v, cu_seqlens, backend: str) -> torch.Tensor:
+        B, Tl = q.shape[:2]
+        # Every layer of a micro-batch sees the same cu_seqlens object: build its segments once (holding
+        # the object keeps its id from being reused).
+        key = (cu_seqlens, B, Tl)
+        if self._segs_key is None or self._segs_key[0] is not cu_seqlens or self._segs_key[1:] != key[1:]:
+            self._segs = build_cp_split_segments(
+                cu_seqlens, B, Tl * self.size, self.size, self.rank, q.device
+            )
+            self._segs_key = key
+        pending: list = []
+        k_buf, v_buf = StartAllGatherKV.apply(k, v, self.group, pending)
+
+        def remote_kv():
+            kb, vb = WaitKV.apply(k_buf, v_buf, self.group, pending)
+            return kb.transpose(0, 1), vb.transpose(0, 1)
+
+        return cp_attention_split(q, k, v, remote_kv, self._segs, self.size, backend)
 
 
 def cp_attention_masked(q, k_all, v_all, cu_seqlens, cp: int, rank: int) -> torch.Tensor:

@@ -10,7 +10,11 @@ hook counts them), the bucket is reduced asynchronously while backward goes on (
 
 zero_stage 0: all-reduce, optimizer on full replicas.  1: all-reduce, optimizer states on a 1/N shard.
 2: reduce-scatter, only the gradient shard is kept.  3: also parameters sharded: a block's bucket is
-all-gathered before its forward (the next block prefetched) and before its backward, and freed after.
+all-gathered before its forward (the next block's gather launched as the block starts, so it runs
+during the block's forward) and before its backward, and freed after each. With `backward_prefetch`
+(ParallelConfig.zero3_backward_prefetch, default on) the backward pre-hook of block i also launches
+the gather of block i-1, which then runs during block i's backward instead of stalling block i-1's
+(FSDP's BACKWARD_PRE); the cost is one more block's parameters held during a backward.
 The optimizer sees one fp32 shard Parameter per bucket (`param_groups`); `after_optimizer_step`
 all-gathers the updated shards into the model (stages 1-2).
 """
@@ -86,6 +90,14 @@ class _Bucket:
                 self.flat_param, self.shard.detach(), group=group, async_op=True
             )
 
+    def discard(self) -> None:
+        """Drop the gathered copy (waiting for an in-flight prefetch first): the shard is the truth."""
+        if self.gather_work is not None:
+            self.gather_work.wait()
+            self.gather_work = None
+            self.unsharded = True
+        self.free()
+
     def finish_gather(self, group) -> None:
         self.start_gather(group)
         if self.gather_work is not None:
@@ -111,10 +123,12 @@ class ZeroDataParallel:
         overlap: bool = True,
         tp_group: dist.ProcessGroup | None = None,
         sequence_parallel: bool = False,
+        backward_prefetch: bool = True,
     ):
         if stage not in (0, 1, 2, 3):
             raise ValueError(f"zero stage must be 0, 1, 2 or 3, got {stage}")
         self.group, self.stage, self.overlap = group, stage, overlap
+        self.backward_prefetch = backward_prefetch
         self.tp_group, self.sp = tp_group, sequence_parallel
         self.world, self.rank = group_size(group), group_rank(group)
         limit = max(1, int(bucket_mb * 2**20 / 4))
@@ -232,7 +246,10 @@ class ZeroDataParallel:
             return
         if self.stage == 3:  # blocks gather on demand; the rest (embedding, norm, head) stays whole
             for unit_mod, buckets in self.units:
-                if unit_mod is None:
+                if unit_mod is not None:  # a prefetched copy would hold the pre-step values
+                    for b in buckets:
+                        b.discard()
+                else:
                     for b in buckets:
                         b.unsharded = False
                         b.finish_gather(self.group)
@@ -268,6 +285,9 @@ class ZeroDataParallel:
         blocks = [(m, bs) for m, bs in self.units if m is not None]
         for i, (mod, buckets) in enumerate(blocks):
             nxt = blocks[i + 1][1] if i + 1 < len(blocks) else []
+            # Backward runs the blocks in reverse: block i-1 is next (within a model chunk; across
+            # pipeline chunks it comes later in the schedule, still in the same step).
+            prv = blocks[i - 1][1] if i > 0 and self.backward_prefetch else []
 
             def pre_fwd(_m, _args, buckets=buckets, nxt=nxt):
                 for b in buckets:
@@ -279,9 +299,11 @@ class ZeroDataParallel:
                 for b in buckets:
                     b.free()
 
-            def pre_bwd(_m, _grad_out, buckets=buckets):
+            def pre_bwd(_m, _grad_out, buckets=buckets, prv=prv):
                 for b in buckets:
                     b.finish_gather(self.group)
+                for b in prv:  # prefetch: block i-1's gather runs during this block's backward
+                    b.start_gather(self.group)
 
             mod.register_forward_pre_hook(pre_fwd)
             mod.register_forward_hook(post_fwd)

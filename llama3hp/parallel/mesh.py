@@ -31,11 +31,16 @@ class ParallelConfig:
     sequence_parallel: bool = True  # with tp > 1: norms and residual on sequence shards
     tp_overlap: bool = False  # split TP all-gather / reduce-scatter into chunks pipelined with GEMMs
     tp_overlap_chunks: int = 2  # chunks per rank shard when tp_overlap
+    # with tp > 1: the vocab-parallel loss chunk by chunk of rows (the fused cross-entropy kernel on
+    # CUDA), never holding [N, V/tp] logits; False materialises them per shard (tensor.py, memory)
+    tp_chunked_loss: bool = True
+    cp_overlap: bool = True  # with cp > 1: K/V all-gather in flight during the diagonal attention blocks
     zero_stage: int = (
         1  # 0: replicated optimizer, 1: sharded optimizer, 2: + sharded grads, 3: + sharded params
     )
     dp_bucket_mb: float = 25.0  # gradient bucket size (fp32 MiB) for reduce-scatter during backward
     dp_overlap: bool = True  # reduce-scatter each bucket as soon as backward fills it
+    zero3_backward_prefetch: bool = True  # ZeRO-3: gather block i-1's parameters during block i's backward
     pp_schedule: str = "1f1b"  # "1f1b" | "interleaved"
     pp_virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule; 1 for 1f1b)
     pp_microbatches: int = 0  # micro-batches per step through the pipeline (0: the accumulation count)

@@ -1,12 +1,14 @@
 """Apply 4D parallelism to a plain Transformer and run training steps on it.
 
-Order (the plain model is built and initialised whole first, so every layout starts from the same
-weights): 1. TP/SP and CP (rewrites attention and FFN, shards weights: must precede any flattening);
+Order (the plain model is either built and initialised whole first, or left on the meta device and
+only this rank's shards materialised after step 2 with the same values: every layout starts from the
+same weights): 1. TP/SP and CP (rewrites attention and FFN, shards weights: must precede any flattening);
 2. pipeline split into this rank's model chunks (keeps parameter names); 3. ZeRO data parallelism
 over DP x CP (flattens what the rank finally holds into buckets). What the trainer calls:
 
     mesh = build_mesh(cfg)                                   # collective, every rank
     pm = parallelize(model, mesh, cfg)                       # this rank's ParallelModel
+    pm = parallelize(meta_model, mesh, cfg, init_seed=seed)  # ... materialising only its shards
     opt = torch.optim.AdamW(pm.param_groups(weight_decay), lr=..., betas=..., eps=...)
     loss = pm.forward_backward(micro_batches)                # all micro-batches of one step
     norm = pm.clip_grad_norm_(max_norm); opt.step(); pm.after_optimizer_step(); pm.zero_grad()
@@ -19,6 +21,7 @@ from __future__ import annotations
 import copy
 import functools
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -82,16 +85,30 @@ class ParallelModel:
     """This rank's share of the model (its pipeline chunks, TP/CP-sharded, ZeRO-wrapped) and the
     step functions the training loop calls."""
 
-    def __init__(self, model: nn.Module, mesh: DeviceMesh4D, cfg: ParallelConfig):
+    def __init__(
+        self, model: nn.Module, mesh: DeviceMesh4D, cfg: ParallelConfig, init_seed: int | None = None
+    ):
         self.mesh, self.cfg, self.args = mesh, cfg, model.args
+        on_meta = any(p.is_meta for p in model.parameters())
+        if on_meta and init_seed is None:
+            raise ValueError(
+                "the model is on the meta device: pass init_seed to parallelize to materialise this rank's shards"
+            )
+        if init_seed is not None and not on_meta:
+            raise ValueError(
+                "init_seed materialises a meta-device model: build the model under torch.device('meta') "
+                "or drop init_seed for an initialised one"
+            )
         validate_layout(cfg, mesh.dims, model.args)
         pp = mesh.dims.pp
         if pp > 1 and model.args.tie_embeddings:
             raise ValueError(
                 "pipeline parallelism with tied embeddings is not supported: use an untied preset"
             )
-        self.tp = TPComm(mesh.tp_group, cfg.sequence_parallel, cfg.tp_overlap, cfg.tp_overlap_chunks)
-        self.cp = CPComm(mesh.cp_group)
+        self.tp = TPComm(
+            mesh.tp_group, cfg.sequence_parallel, cfg.tp_overlap, cfg.tp_overlap_chunks, cfg.tp_chunked_loss
+        )
+        self.cp = CPComm(mesh.cp_group, cfg.cp_overlap)
         apply_tp(model, self.tp, self.cp if self.cp.size > 1 else None)
         self.virtual = cfg.pp_virtual_stages if cfg.pp_schedule == "interleaved" else 1
         ranges = partition_layers(
@@ -103,9 +120,12 @@ class ParallelModel:
             vs = c * pp + mesh.pp_rank
             self.chunks.append(build_stage_module(model, *ranges[vs], first=vs == 0, last=vs == n_vs - 1))
         self.n_vs = n_vs
+        if init_seed is not None:  # after TP and the pipeline split: only what this rank keeps
+            materialize_local(self.chunks, self.tp, mesh.device, init_seed)
         self.dp = ZeroDataParallel(
             self.chunks, mesh.dp_cp_group, stage=cfg.zero_stage, bucket_mb=cfg.dp_bucket_mb,
             overlap=cfg.dp_overlap, tp_group=mesh.tp_group, sequence_parallel=self.tp.size > 1 and cfg.sequence_parallel,
+            backward_prefetch=cfg.zero3_backward_prefetch,
         )  # fmt: skip
         self.executor = PipelineExecutor(mesh.pp_group, mesh.pp_ranks, mesh.pp_rank, self.virtual)
 
@@ -227,6 +247,59 @@ class ParallelModel:
         return out
 
 
-def parallelize(model: nn.Module, mesh: DeviceMesh4D, cfg: ParallelConfig) -> ParallelModel:
-    """Shard a materialised, initialised Transformer for this rank (see the module docstring)."""
-    return ParallelModel(model, mesh, cfg)
+def init_parameter_full(args, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The fp32 CPU value [shape] that `Transformer.init_weights(seed)` gives the parameter `name`.
+
+    It runs init_weights itself on a stand-in holding only this parameter (the method reads
+    `args`, `inv_freq` and `named_parameters()`), so the rule has one definition: a parameter's
+    value depends on (seed, name) alone.
+    """
+    from llama3hp.model import Transformer
+
+    value = torch.empty(shape, dtype=torch.float32)
+    stand_in = SimpleNamespace(args=args, inv_freq=torch.empty(0), named_parameters=lambda: [(name, value)])
+    Transformer.init_weights(stand_in, seed=seed)
+    return value
+
+
+def materialize_local(chunks: list[nn.Module], tp: TPComm, device: torch.device, seed: int) -> None:
+    """Give each meta parameter of this rank's chunks its TP shard of the whole model's initial value.
+
+    Per parameter, one at a time: the FULL tensor is drawn on the CPU (its generator is seeded by
+    name and draws every element, so a slice cannot be drawn alone) and this rank's slice along
+    `_tp_dim` is copied to `device`. Peak host memory is the largest parameter (the 405B embedding:
+    128,256 x 16,384 fp32 = 8.4 GB); time is that of drawing every parameter this rank holds whole,
+    ~1/pp of the model (405B, PP16: ~25G normal samples per rank, minutes on one CPU core), against
+    the whole model (1.6 TB fp32) per rank for whole-then-shard.
+    """
+    from llama3hp.model.rope import rope_inv_freq
+
+    for chunk in chunks:
+        for name, p in chunk.named_parameters():
+            if not p.is_meta:
+                continue
+            dim = getattr(p, "_tp_dim", None)
+            full_shape = list(p.shape)
+            if dim is not None:
+                full_shape[dim] *= tp.size
+            value = init_parameter_full(chunk.args, name, tuple(full_shape), seed)
+            if dim is not None:
+                value = value.chunk(tp.size, dim=dim)[tp.rank]
+            new = nn.Parameter(value.to(device=device, dtype=p.dtype).contiguous(), p.requires_grad)
+            new._tp_dim = dim
+            # In place of the meta tensor (set_data refuses a device change): every module and chunk
+            # that holds this Parameter object sees the value.
+            torch.utils.swap_tensors(p, new)
+        chunk.inv_freq = rope_inv_freq(chunk.args, device=device)
+
+
+def parallelize(
+    model: nn.Module, mesh: DeviceMesh4D, cfg: ParallelConfig, *, init_seed: int | None = None
+) -> ParallelModel:
+    """This rank's ParallelModel (see the module docstring).
+
+    `model` is either materialised and initialised (whole-then-shard), or on the meta device with
+    `init_seed` given: then only this rank's shards are materialised on mesh.device, equal to the
+    slices of `model.init_weights(init_seed)` (`materialize_local`).
+    """
+    return ParallelModel(model, mesh, cfg, init_seed)

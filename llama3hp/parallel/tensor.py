@@ -25,6 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import llama3hp.kernels as K
+from llama3hp.kernels.cross_entropy import (
+    DEFAULT_CHUNK_BYTES,
+    _chunk_rows,
+    _cross_entropy_fwd_kernel,
+    _launch_config,
+)
+from llama3hp.kernels.dispatch import use_triton
 from llama3hp.parallel.comm import (
     all_gather_dim,
     all_gather_single,
@@ -237,6 +244,101 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
         return d.to(ctx.dtype), None, None, None, None, None
 
 
+class VocabParallelLinearCrossEntropy(torch.autograd.Function):
+    """The vocab-parallel loss of `h @ W_l.T` computed chunk by chunk of rows: per chunk the shard's
+    logits [C, V_l] are formed, reduced to (shard logsumexp, target logit) and dropped; three
+    all-reduces over TP on [N] vectors combine the shards (max, sum of exp, target logit). Backward
+    recomputes each chunk's logits and turns them into dlogits with the GLOBAL logsumexp, then
+    dh_partial = dlogits @ W_l (summed over TP by the caller's gather's backward) and
+    dW_l += dlogits.T @ h (fp32). On CUDA the per-chunk reductions and dlogits are the fused
+    cross-entropy kernel's (`kernels/cross_entropy.py`, run on one vocabulary shard); elsewhere the
+    same math in torch.
+
+    h: [N, D] full rows (replicated over TP); weight: [V_l, D] rows [vocab_start, vocab_start + V_l);
+    targets: [N]. Returns the fp32 per-row loss [N] (0 on ignored rows), z-loss included.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, vocab_start, group, ignore_index, z_loss_scale, chunk_rows, fused):
+        N, Vl = h.shape[0], weight.shape[0]
+        lse_l = torch.empty(N, dtype=torch.float32, device=h.device)
+        t_logit = torch.zeros(N, dtype=torch.float32, device=h.device)
+        local_t = targets - vocab_start
+        on_shard = (local_t >= 0) & (local_t < Vl)
+        idx = torch.where(on_shard, local_t, 0)
+        for s in range(0, N, chunk_rows):
+            e = min(s + chunk_rows, N)
+            logits = h[s:e] @ weight.T  # [C, V_l], the only logits ever held
+            lse_l[s:e] = _shard_lse(logits, fused)
+            t_logit[s:e] = torch.where(on_shard[s:e], logits.gather(1, idx[s:e, None])[:, 0].float(), 0.0)
+        # Combine the shards' logsumexps: lse = M + log(sum_r exp(lse_r - M)), M the max over TP.
+        m = lse_l.clone()
+        if group is not None:
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        sum_e = torch.exp(lse_l - m)
+        all_reduce(sum_e, group)
+        all_reduce(t_logit, group)
+        lse = m + torch.log(sum_e)
+        valid = targets != ignore_index
+        loss = torch.where(valid, lse - t_logit + z_loss_scale * lse * lse, 0.0)
+        # Off-shard (and ignored) targets point past the shard: no column matches them.
+        grad_t = torch.where(valid, torch.where(on_shard, local_t, Vl), ignore_index)
+        ctx.save_for_backward(h, weight, grad_t, lse)
+        ctx.opts = (ignore_index, z_loss_scale, chunk_rows, fused)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        h, weight, grad_t, lse = ctx.saved_tensors
+        ignore_index, z, chunk_rows, fused = ctx.opts
+        N = h.shape[0]
+        scale = g.float().contiguous()
+        dh = torch.empty_like(h)
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for s in range(0, N, chunk_rows):
+            e = min(s + chunk_rows, N)
+            logits = h[s:e] @ weight.T
+            d = _shard_dlogits(logits, grad_t[s:e], lse[s:e], scale[s:e], ignore_index, z, fused)
+            torch.mm(d, weight, out=dh[s:e])
+            dw.addmm_(d.T.float(), h[s:e].float())
+        return dh, dw.to(weight.dtype), None, None, None, None, None, None, None
+
+
+def _shard_lse(logits: torch.Tensor, fused: bool) -> torch.Tensor:
+    """fp32 logsumexp [C] of one chunk of shard logits [C, V_l]."""
+    if not fused:
+        return torch.logsumexp(logits.float(), dim=-1)
+    C, Vl = logits.shape
+    lse = torch.empty(C, dtype=torch.float32, device=logits.device)
+    loss = torch.empty_like(lse)  # written by the kernel, unused: targets are all ignored here
+    ignored = torch.full((C,), -1, dtype=torch.int64, device=logits.device)
+    block_r, block_v, warps = _launch_config(Vl)
+    _cross_entropy_fwd_kernel[((C + block_r - 1) // block_r,)](
+        logits, logits.stride(0), ignored, loss, lse, lse, 0, C, Vl, -1, 0.0,
+        COMPUTE_GRAD=False, HAS_LSE=False, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps,
+    )  # fmt: skip
+    return lse
+
+
+def _shard_dlogits(logits, targets, lse, scale, ignore_index: int, z: float, fused: bool) -> torch.Tensor:
+    """dloss/dlogits [C, V_l] of one chunk given the GLOBAL lse [C] and per-row scale [C]; targets are
+    shard-local (V_l when off-shard, ignore_index when ignored). Overwrites `logits` when fused."""
+    if fused:
+        C, Vl = logits.shape
+        block_r, block_v, warps = _launch_config(Vl)
+        _cross_entropy_fwd_kernel[((C + block_r - 1) // block_r,)](
+            logits, logits.stride(0), targets, lse, lse, scale, 1, C, Vl, ignore_index, z,
+            COMPUTE_GRAD=True, HAS_LSE=True, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps,
+        )  # fmt: skip
+        return logits
+    valid = targets != ignore_index
+    row = torch.where(valid, scale, 0.0)
+    d = torch.exp(logits.float() - lse[:, None]) * (row * (1.0 + 2.0 * z * lse))[:, None]
+    hit = valid & (targets < logits.shape[1])
+    d[hit, targets[hit]] -= row[hit]
+    return d.to(logits.dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # The TP communication plan a module calls
 
@@ -249,6 +351,7 @@ class TPComm:
     sequence_parallel: bool = True
     overlap: bool = False
     chunks: int = 2
+    chunked_loss: bool = True  # VocabParallelLinearCrossEntropy instead of materialised shard logits
 
     @property
     def size(self) -> int:
@@ -269,6 +372,15 @@ class TPComm:
             return list(AllGatherMatmul.apply(x, self.group, self.chunks, *weights))
         x = GatherFromSP.apply(x, self.group)
         return [F.linear(x, w) for w in weights]
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, S, D] (SP shard) or [B, T, D] -> [B, T, D] on every TP rank; backward sums the
+        partial input gradients over TP (reduce-scatter under SP, all-reduce without)."""
+        if self.size == 1:
+            return x
+        if self.sequence_parallel:
+            return GatherFromSP.apply(x, self.group)
+        return CopyToTP.apply(x, self.group)
 
     def row(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x: [B, T, F_l]; weight [D, F_l] -> [B, S, D] (SP) or [B, T, D] summed over TP."""
@@ -390,15 +502,31 @@ def compute_loss(
 ) -> torch.Tensor:
     """Summed fp32 loss of the final hidden states h [B, S or T, D] against targets [B, T].
 
-    One TP rank: the fused linear cross-entropy kernel. TP: logits per vocabulary shard
-    [B*T, V_l] and the vocab-parallel loss (identical on every TP rank).
+    One TP rank: the fused linear cross-entropy kernel. TP with `tp.chunked_loss`: the gathered
+    rows through `VocabParallelLinearCrossEntropy` (never more than one chunk of [N, V_l] logits).
+    Otherwise logits per vocabulary shard [N, V_l] and `VocabParallelCrossEntropy` (identical on every
+    TP rank). What the materialised form costs at 405B (TP8, V_l = 128,256/8 = 16,032, one 8K row
+    per rank: N = 8,192): logits 263 MB in bf16, their fp32 copy, exp and the saved fp32 softmax
+    525 MB each, ~1.6 GB at the peak and 525 MB kept until backward; chunked: at most one chunk
+    (`kernels.cross_entropy.DEFAULT_CHUNK_BYTES`, 256 MiB) live and 3 fp32 [N] vectors kept, at the
+    price of recomputing the head GEMM in backward (+1/3 of the head's FLOPs, ~0.4% of a 405B step).
     """
     w = model.head_weight()
+    backend = model.args.kernels.cross_entropy
     if tp.size == 1:
         return K.linear_cross_entropy(
             h.reshape(-1, h.shape[-1]), w, targets.reshape(-1), ignore_index=ignore_index,
-            reduction="sum", z_loss_scale=z_loss_scale, backend=model.args.kernels.cross_entropy,
+            reduction="sum", z_loss_scale=z_loss_scale, backend=backend,
         )  # fmt: skip
+    if tp.chunked_loss:
+        x = tp.gather(h)
+        x = x.reshape(-1, x.shape[-1]).contiguous()
+        rows = _chunk_rows(x.shape[0], w.shape[0], x.element_size(), DEFAULT_CHUNK_BYTES)
+        loss = VocabParallelLinearCrossEntropy.apply(
+            x, w, targets.reshape(-1), tp.rank * w.shape[0], tp.group, ignore_index, float(z_loss_scale),
+            rows, use_triton(backend, x, w),
+        )  # fmt: skip
+        return loss.sum()
     (logits,) = tp.column(h, [w])
     loss = VocabParallelCrossEntropy.apply(
         logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), tp.rank * w.shape[0], tp.group,

@@ -4,7 +4,9 @@
 timeout) that runs every case in sequence; a case names a layout, and ranks beyond the layout's size
 just take part in group creation. Each case trains a small Llama on packed documents for a few
 AdamW steps under the layout and, in the same process, on one process with the plain model, and
-reports the largest loss and parameter differences.
+reports the largest loss and parameter differences. A `materialize` case builds the model on the meta
+device and lets `parallelize(..., init_seed=0)` materialise the rank's shards, and also reports which
+of them differ from the whole-then-shard ones.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import pickle
 import socket
 import tempfile
+import time
 import traceback
 
 import torch
@@ -84,13 +87,51 @@ def reference_run(args: ModelArgs, steps: int, dp: int, micro: int, rows: int, T
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def parallel_run(args: ModelArgs, cfg: ParallelConfig, steps: int, micro: int, rows: int, T: int, lr: float):
+def build_whole_then_shard(args: ModelArgs, mesh, cfg: ParallelConfig):
+    model = Transformer(args)
+    model.init_weights(seed=0)
+    return parallelize(model, mesh, cfg)
+
+
+def build_rank_local(args: ModelArgs, mesh, cfg: ParallelConfig):
+    with torch.device("meta"):
+        model = Transformer(args)
+    return parallelize(model, mesh, cfg, init_seed=0)
+
+
+def shard_mismatches(a, b) -> list[str]:
+    """What differs between two ParallelModels' rank-local state: each ZeRO bucket's fp32 shard (the
+    rank's TP slice, packed and cut to its DP x CP range; under ZeRO-3 the only copy it holds) and
+    the parameter names."""
+    bad = [
+        f"bucket {i} ({[tuple(p.shape) for p in x.params]})"
+        for i, (x, y) in enumerate(zip(a.dp.buckets, b.dp.buckets))
+        if not torch.equal(x.shard, y.shard)
+    ]
+    if len(a.dp.buckets) != len(b.dp.buckets):
+        bad.append(f"{len(a.dp.buckets)} vs {len(b.dp.buckets)} buckets")
+    return bad + sorted(set(a.named_parameters()) ^ set(b.named_parameters()))
+
+
+def parallel_run(
+    args: ModelArgs,
+    cfg: ParallelConfig,
+    steps: int,
+    micro: int,
+    rows: int,
+    T: int,
+    lr: float,
+    materialize: bool,
+):
     mesh = build_mesh(cfg)
     if mesh is None:
         return None
-    model = Transformer(args)
-    model.init_weights(seed=0)
-    pm = parallelize(model, mesh, cfg)
+    init_mismatch: list[str] = []
+    if materialize:
+        pm = build_rank_local(args, mesh, cfg)
+        init_mismatch = shard_mismatches(pm, build_whole_then_shard(args, mesh, cfg))
+    else:
+        pm = build_whole_then_shard(args, mesh, cfg)
     opt = torch.optim.AdamW(pm.param_groups(0.1), lr=lr)
     losses = []
     for step in range(steps):
@@ -101,7 +142,7 @@ def parallel_run(args: ModelArgs, cfg: ParallelConfig, steps: int, micro: int, r
         pm.after_optimizer_step()
         pm.zero_grad()
         losses.append(loss.item())
-    return losses, pm.full_state_dict()
+    return losses, pm.full_state_dict(), init_mismatch
 
 
 def compare_case(case: dict) -> dict | None:
@@ -115,12 +156,12 @@ def compare_case(case: dict) -> dict | None:
         case.get("T", 16),
         1e-3,
     )
-    got = parallel_run(args, cfg, steps, micro, rows, T, lr)
+    got = parallel_run(args, cfg, steps, micro, rows, T, lr, case.get("materialize", False))
     if got is None:
         return None
     dp = cfg.dp
     ref_losses, ref_params = reference_run(args, steps, dp, micro, rows, T, lr)
-    losses, params = got
+    losses, params, init_mismatch = got
     return {
         "losses": losses,
         "ref_losses": ref_losses,
@@ -128,6 +169,7 @@ def compare_case(case: dict) -> dict | None:
         "param_diff": max((params[k] - ref_params[k]).abs().max().item() for k in ref_params),
         "param_scale": max(ref_params[k].abs().max().item() for k in ref_params),
         "missing": sorted(set(ref_params) - set(params)),
+        "init_mismatch": init_mismatch,
     }
 
 
@@ -169,8 +211,9 @@ def spawn_cases(world: int, cases: list[dict], timeout_s: float = TIMEOUT_S) -> 
         procs = [ctx.Process(target=_worker, args=(r, world, port, cases, out_dir)) for r in range(world)]
         for p in procs:
             p.start()
+        deadline = time.monotonic() + timeout_s  # one deadline for the group, not one per rank
         for p in procs:
-            p.join(timeout_s)
+            p.join(max(0.0, deadline - time.monotonic()))
         hung = [i for i, p in enumerate(procs) if p.is_alive()]
         for i in hung:
             procs[i].kill()
@@ -187,7 +230,7 @@ def spawn_cases(world: int, cases: list[dict], timeout_s: float = TIMEOUT_S) -> 
 
 
 def case(name: str, **cfg) -> dict:
-    extra = {k: cfg.pop(k) for k in ("model", "steps", "micro", "rows", "T") if k in cfg}
+    extra = {k: cfg.pop(k) for k in ("model", "steps", "micro", "rows", "T", "materialize") if k in cfg}
     return {"name": name, "cfg": cfg, **extra}
 
 

@@ -145,3 +145,127 @@ def test_launch_configs_validate_with_mesh_rules(name):
     dims = ParallelDims(cfg.tp, cfg.cp, cfg.pp, cfg.dp)
     validate_layout(cfg, dims, get_model_args(t["model"]["preset"]), t["training"]["seq_len"])
     assert dims.world_size == 8192
+
+
+def _cp_split_grads(q, k, v, cu, cp, backend, g):
+    """Run the overlapped CP attention rank by rank (gathered K/V handed in) and assemble outputs and
+    input gradients over the whole sequence."""
+    from llama3hp.parallel.context import build_cp_split_segments, cp_attention_split
+
+    B, T = q.shape[:2]
+    order = torch.cat([cp_token_index(T, cp, r) for r in range(cp)])
+    out_all = torch.empty_like(q)
+    grads = [torch.zeros_like(t) for t in (q, k, v)]
+    for rank in range(cp):
+        idx = cp_token_index(T, cp, rank)
+        local = [t.detach()[:, idx].requires_grad_() for t in (q, k, v)]
+        k_all, v_all = (t.detach()[:, order].requires_grad_() for t in (k, v))
+        segs = build_cp_split_segments(cu, B, T, cp, rank)
+        out = cp_attention_split(*local, lambda kv=(k_all, v_all): kv, segs, cp, backend)
+        out_all[:, idx] = out.detach()
+        dq, dk, dv, dk_all, dv_all = torch.autograd.grad((out * g[:, idx]).sum(), (*local, k_all, v_all))
+        grads[0][:, idx] += dq
+        grads[1][:, idx] += dk
+        grads[2][:, idx] += dv
+        grads[1][:, order] += dk_all
+        grads[2][:, order] += dv_all
+    return out_all, grads
+
+
+@pytest.mark.parametrize("backend, cp, B", [("torch", 2, 2), ("torch", 4, 2), ("triton", 2, 1)])
+def test_cp_overlapped_split_attention_matches_reference_with_grads(backend, cp, B):
+    # diagonal + earlier-keys parts merged by lse == one softmax: outputs and dQ/dK/dV (the dK/dV
+    # summed over the local diagonal and the gathered copy, as the reduce-scatter does)
+    T, H, Hk, D = 32, 4, 2, 16
+    q, k, v = (torch.randn(B, T, h, D, requires_grad=True) for h in (H, Hk, Hk))
+    cu = _packed(B, T, [5, 19, 20])  # a document starting inside a chunk, one of length 1
+    ref = attention_ref(q, k, v, cu)
+    g = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad((ref * g).sum(), (q, k, v))
+    out, grads = _cp_split_grads(q, k, v, cu, cp, backend, g)
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_cp_split_segments_one_document_per_row():
+    from llama3hp.parallel.context import build_cp_split_segments
+
+    segs = build_cp_split_segments(None, 2, 16, 2, 0)  # chunks of 4: rank 0 holds 0 and 3
+    assert segs.local_cu.tolist() == [0, 4, 8, 12, 16]
+    assert segs.remote[0] is None  # chunk 0 has no earlier keys
+    cu_q, cu_k, q_doc, q_pos, _, max_k = segs.remote[1]
+    assert cu_q.tolist() == [0, 4, 8] and max_k == 12
+    # chunk 3 of row r sees keys [16r, 16r + 12): the first key document of its row
+    assert [cu_k[d].item() for d in q_doc.tolist()] == [0, 16] and (q_pos == 16).all()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_chunked_vocab_parallel_loss_matches_reference(fused):
+    # one shard (no group) is the whole vocabulary: chunks of 5 rows over 13, ignored rows, z-loss;
+    # fused runs the cross-entropy kernel on each chunk (interpreted on CPU)
+    from llama3hp.kernels import linear_cross_entropy_ref
+    from llama3hp.parallel.tensor import VocabParallelLinearCrossEntropy
+
+    N, D, V = 13, 16, 40
+    h, w = torch.randn(N, D, requires_grad=True), torch.randn(V, D, requires_grad=True)
+    t = torch.randint(0, V, (N,))
+    t[3] = -100
+    g = torch.rand(N)
+    ref = linear_cross_entropy_ref(h, w, t, reduction="none", z_loss_scale=1e-2)
+    want = torch.autograd.grad((ref * g).sum(), (h, w))
+    out = VocabParallelLinearCrossEntropy.apply(h, w, t, 0, None, -100, 1e-2, 5, fused)
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-6)
+    for got, exp in zip(torch.autograd.grad((out * g).sum(), (h, w)), want):
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
+
+
+def test_vocab_parallel_loss_shards_combine_like_the_whole_vocabulary():
+    # two vocabulary shards computed separately and combined by hand as the all-reduces would:
+    # max of the shard lse, sum of exp, target logit from the owning shard
+    from llama3hp.parallel.tensor import _shard_lse
+
+    N, D, V = 7, 8, 24
+    h, w = torch.randn(N, D), torch.randn(V, D)
+    parts = [_shard_lse(h @ w[s : s + V // 2].T, fused=False) for s in (0, V // 2)]
+    m = torch.maximum(*parts)
+    lse = m + torch.log(sum(torch.exp(p - m) for p in parts))
+    torch.testing.assert_close(lse, torch.logsumexp(h @ w.T, dim=-1))
+
+
+def test_rank_local_init_matches_init_weights_and_errors():
+    from llama3hp.model import Transformer
+    from llama3hp.parallel import ParallelConfig, build_mesh, parallelize
+    from llama3hp.parallel.parallelize import init_parameter_full
+
+    args = small_args(n_layers=2)
+    model = Transformer(args)
+    model.init_weights(seed=3)
+    for name, p in model.named_parameters():
+        assert torch.equal(init_parameter_full(args, name, tuple(p.shape), 3), p.detach()), name
+    mesh = build_mesh(ParallelConfig(dp=1))
+    with torch.device("meta"):
+        meta = Transformer(args)
+    with pytest.raises(ValueError, match="meta device: pass init_seed"):
+        parallelize(meta, mesh, ParallelConfig(dp=1))
+    with pytest.raises(ValueError, match="init_seed materialises a meta-device model"):
+        parallelize(model, mesh, ParallelConfig(dp=1), init_seed=3)
+    pm = parallelize(meta, mesh, ParallelConfig(dp=1), init_seed=3)
+    got = pm.full_state_dict()
+    assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
+
+
+def test_cp_split_keeps_gather_in_graph_without_remote_keys():
+    # rank 0 of cp=2 holds chunks 0 and 3; a document starting exactly at chunk 3 leaves it no earlier
+    # key: dK_all must still be a (zero) gradient, or the rank would skip the reduce-scatter its peers join
+    from llama3hp.parallel.context import build_cp_split_segments, cp_attention_split
+
+    B, T, H, Hk, D = 1, 16, 2, 1, 16
+    cu = torch.tensor([0, 12, 16], dtype=torch.int32)
+    segs = build_cp_split_segments(cu, B, T, 2, 0)
+    assert not segs.remote_has_keys
+    q, k, v = (torch.randn(B, T // 2, h, D, requires_grad=True) for h in (H, Hk, Hk))
+    k_all, v_all = (torch.randn(B, T, Hk, D, requires_grad=True) for _ in range(2))
+    out = cp_attention_split(q, k, v, lambda: (k_all, v_all), segs, 2, "torch")
+    dk_all, dv_all = torch.autograd.grad(out.sum(), (k_all, v_all))
+    assert not dk_all.any() and not dv_all.any()
