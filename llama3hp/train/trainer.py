@@ -1,12 +1,11 @@
 """The pre-training loop.
 
 Order of construction (the same on one process and on a mesh):
-1. the model on the meta device (no memory), materialised with `to_empty` + `init_weights(seed)`,
-   whose per-parameter generators give the same weights whatever a rank holds. Every rank
-   materialises the WHOLE model and `parallelize` then keeps its shards (whole-then-shard: simple
-   and identical across layouts; a rank-local materialisation would save host memory at 405B);
-   then FP8 (`job.fp8`, off by default): `llama3hp.fp8.apply_fp8` swaps the block linears for FP8
-   ones from outside the model (see `build_model` for why exactly there);
+1. the model on the meta device (no memory). On one process it is materialised with `to_empty` +
+   `init_weights(seed)`, then FP8 (`job.fp8`, off by default): `llama3hp.fp8.apply_fp8` swaps the
+   block linears for FP8 ones from outside the model (see `build_model` for why exactly there).
+   On a mesh each rank materialises only the shards it keeps; the per-parameter generators of
+   `init_weights` make them equal to the slices of the whole model, whatever the layout;
 2. `apply_parallelism(model, ctx, cfg)`: TP/SP and CP, the pipeline split and ZeRO data
    parallelism applied from outside the model (`llama3hp.parallel.parallelize`; the plain model on
    one process);
@@ -106,9 +105,12 @@ def build_parallel_context(job: JobConfig) -> ParallelContext:
     return context_from_mesh(mesh)
 
 
-def apply_parallelism(model: torch.nn.Module, ctx: ParallelContext, cfg: ParallelConfig):
+def apply_parallelism(
+    model: torch.nn.Module, ctx: ParallelContext, cfg: ParallelConfig, *, init_seed: int | None = None
+):
     """TP/SP and CP, the pipeline split, then ZeRO data parallelism (see parallel/parallelize.py for
-    why in that order): a ParallelModel on a mesh, the model as is on one process."""
+    why in that order): a ParallelModel on a mesh, the model as is on one process. A meta-device
+    model with init_seed is materialised shard by shard on its rank."""
     if ctx.mesh is None:
         if ctx.world_size != 1:
             raise ConfigError(
@@ -117,7 +119,7 @@ def apply_parallelism(model: torch.nn.Module, ctx: ParallelContext, cfg: Paralle
         return model
     from llama3hp.parallel import parallelize
 
-    return parallelize(model, ctx.mesh, cfg)
+    return parallelize(model, ctx.mesh, cfg, init_seed=init_seed)
 
 
 def select_device(name: str) -> torch.device:
@@ -186,6 +188,11 @@ def build_model(job: JobConfig, device: torch.device, ctx: ParallelContext):
 
     with torch.device("meta"):
         model = Transformer(job.model)
+    if ctx.mesh is not None:
+        # Each rank materialises only the shards it keeps, with the values whole-then-shard would
+        # give (init is seeded per parameter): host memory is one parameter at a time, not the whole
+        # model. FP8 is refused on a mesh by check_fp8, so there is nothing to convert here.
+        return apply_parallelism(model, ctx, job.parallel, init_seed=job.training.seed)
     model.to_empty(device=device)
     model.init_weights(seed=job.training.seed)
     # FP8 after materialising and before parallelism. After: TE recipes copy the initialised
