@@ -37,13 +37,12 @@ import llama3hp.kernels as K
 from llama3hp.kernels.attention import attention_varlen, build_cp_query_segments
 from llama3hp.kernels.dispatch import use_triton
 from llama3hp.parallel.comm import (
-    all_gather_dim,
     all_gather_single,
     group_rank,
     group_size,
-    reduce_scatter_dim,
     reduce_scatter_single,
 )
+from llama3hp.parallel.tensor import GatherFromSP
 
 
 def cp_token_index(T: int, cp: int, rank: int, device=None) -> torch.Tensor:
@@ -62,18 +61,10 @@ def shard_for_cp(x: torch.Tensor, cp: int, rank: int) -> torch.Tensor:
     return x[:, cp_token_index(x.shape[1], cp, rank, x.device)]
 
 
-class AllGatherKV(torch.autograd.Function):
-    """Forward all-gather K or V over CP along the sequence (rank order); backward reduce-scatter
-    the partial dK/dV each rank's queries produced back to the tokens' owners."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_gather_dim(x, 1, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return reduce_scatter_dim(g, 1, ctx.group), None
+# Forward all-gather of K or V over CP along the sequence (rank order); backward reduce-scatter of
+# the partial dK/dV each rank's queries produced back to the tokens' owners: the same
+# communication as sequence parallelism's gather, so the same Function.
+AllGatherKV = GatherFromSP
 
 
 class StartAllGatherKV(torch.autograd.Function):

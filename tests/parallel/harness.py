@@ -203,12 +203,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_cases(world: int, cases: list[dict], timeout_s: float = TIMEOUT_S) -> list[dict]:
-    """Run `cases` on `world` spawned gloo ranks; per rank, {case name: result or None or {"error"}}."""
+def spawn_workers(worker, world: int, cases: list[dict], timeout_s: float) -> list[dict]:
+    """Run worker(rank, world, port, cases, out_dir) on `world` spawned gloo ranks and return each
+    rank's results, which the worker pickles to out_dir/rank<r>.pkl. A hang fails after timeout_s."""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
         port = free_port()
-        procs = [ctx.Process(target=_worker, args=(r, world, port, cases, out_dir)) for r in range(world)]
+        procs = [ctx.Process(target=worker, args=(r, world, port, cases, out_dir)) for r in range(world)]
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout_s  # one deadline for the group, not one per rank
@@ -227,6 +228,11 @@ def spawn_cases(world: int, cases: list[dict], timeout_s: float = TIMEOUT_S) -> 
             with open(path, "rb") as f:
                 out.append(pickle.load(f))
         return out
+
+
+def spawn_cases(world: int, cases: list[dict], timeout_s: float = TIMEOUT_S) -> list[dict]:
+    """Run `cases` on `world` spawned gloo ranks; per rank, {case name: result or None or {"error"}}."""
+    return spawn_workers(_worker, world, cases, timeout_s)
 
 
 def case(name: str, **cfg) -> dict:

@@ -10,15 +10,13 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
-import tempfile
 import traceback
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from tests.parallel.harness import free_port
+from tests.parallel.harness import spawn_workers
 
 TIMEOUT_S = 300
 VOCAB = 256
@@ -104,24 +102,4 @@ def _worker(rank: int, world: int, port: int, cases: list[dict], out_dir: str) -
 
 def spawn_trainers(world: int, cases: list[dict], timeout_s: float = TIMEOUT_S) -> list[dict]:
     """Run `cases` on `world` spawned gloo ranks; per rank, {case name: result or None or {"error"}}."""
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory() as out_dir:
-        port = free_port()
-        procs = [ctx.Process(target=_worker, args=(r, world, port, cases, out_dir)) for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout_s)
-        hung = [i for i, p in enumerate(procs) if p.is_alive()]
-        for i in hung:
-            procs[i].kill()
-        if hung:
-            raise TimeoutError(f"ranks {hung} did not finish within {timeout_s}s (hang in a collective?)")
-        out = []
-        for r in range(world):
-            path = os.path.join(out_dir, f"rank{r}.pkl")
-            if not os.path.exists(path):
-                raise RuntimeError(f"rank {r} exited with code {procs[r].exitcode} without results")
-            with open(path, "rb") as f:
-                out.append(pickle.load(f))
-        return out
+    return spawn_workers(_worker, world, cases, timeout_s)
