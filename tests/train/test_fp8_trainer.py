@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import train_testing
 
 from llama3hp.config import ConfigError, load_job_config
 from llama3hp.fp8 import Fp8Linear
@@ -13,36 +14,8 @@ from llama3hp.train import trainer as T
 
 pytestmark = pytest.mark.xdist_group("train_fp8")
 
-SMALL = [
-    "model.dim=64",
-    "model.n_layers=2",
-    "model.n_heads=4",
-    "model.n_kv_heads=2",
-    "model.multiple_of=64",
-    "training.seq_len=64",
-    "training.micro_batch_rows=2",
-    "training.global_batch_rows=2",
-    "training.warmup_steps=2",
-    "training.lr=3e-3",
-    "training.steps=30",
-    "metrics.progress=false",
-    "metrics.plot=false",
-    "checkpoint.enabled=false",
-]
+SMALL = [*train_testing.SMALL, "training.steps=30", "metrics.plot=false", "checkpoint.enabled=false"]
 BLOCK_LINEARS = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"}
-
-
-@pytest.fixture(scope="module")
-def small_dataset(tmp_path_factory):
-    import os
-
-    from llama3hp.data import prepare
-
-    root = os.path.dirname(os.__file__)
-    files = [os.path.join(root, f) for f in ("os.py", "random.py", "textwrap.py", "bisect.py")]
-    out = tmp_path_factory.mktemp("data") / "small"
-    prepare(files, out, workers=1)
-    return out
 
 
 def _job(tmp_path, dataset, recipe):

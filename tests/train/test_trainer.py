@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+from train_testing import SMALL
 
 from llama3hp.cli import main
 from llama3hp.config import load_job_config
@@ -12,34 +13,6 @@ from llama3hp.train.trainer import train
 
 # One xdist worker builds the module fixtures (small dataset, reference run) once for all tests.
 pytestmark = pytest.mark.xdist_group("train_e2e")
-
-SMALL = [
-    "model.dim=64",
-    "model.n_layers=2",
-    "model.n_heads=4",
-    "model.n_kv_heads=2",
-    "model.multiple_of=64",
-    "training.seq_len=64",
-    "training.micro_batch_rows=2",
-    "training.global_batch_rows=2",
-    "training.warmup_steps=2",
-    "training.lr=3e-3",
-    "metrics.progress=false",
-]
-
-
-@pytest.fixture(scope="module")
-def small_dataset(tmp_path_factory):
-    """A few stdlib sources tokenized with `prepare` (a few hundred thousand tokens at most)."""
-    import os
-
-    from llama3hp.data import prepare
-
-    root = os.path.dirname(os.__file__)
-    files = [os.path.join(root, f) for f in ("os.py", "random.py", "textwrap.py", "bisect.py")]
-    out = tmp_path_factory.mktemp("data") / "small"
-    prepare(files, out, workers=1)
-    return out
 
 
 def _job(tmp_path, dataset, *extra):
