@@ -173,21 +173,23 @@ def compare_case(case: dict) -> dict | None:
     }
 
 
-def _worker(rank: int, world: int, port: int, cases: list[dict], out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ["TRITON_INTERPRET"] = "1"
+def _rank_main(rank: int, world: int, port: int, run_case, cases: list[dict], out_dir: str, timeout_s: float):
+    """One spawned rank: join the gloo group, run every case (errors recorded, not raised, so the
+    other ranks are not left waiting), pickle {case name: result} to out_dir/rank<r>.pkl."""
     import datetime
 
+    torch.set_num_threads(1)
+    os.environ["TRITON_INTERPRET"] = "1"
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=TIMEOUT_S),
+        timeout=datetime.timedelta(seconds=timeout_s),
     )  # fmt: skip
     results = {}
     for case in cases:
         torch.manual_seed(0)
         try:
-            results[case["name"]] = compare_case(case)
-        except Exception:
+            results[case["name"]] = run_case(case)
+        except BaseException:  # DCP's CheckpointException derives from BaseException
             results[case["name"]] = {"error": traceback.format_exc()}
         dist.barrier()
     tmp = os.path.join(out_dir, f".rank{rank}.tmp")
@@ -203,13 +205,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_workers(worker, world: int, cases: list[dict], timeout_s: float) -> list[dict]:
-    """Run worker(rank, world, port, cases, out_dir) on `world` spawned gloo ranks and return each
-    rank's results, which the worker pickles to out_dir/rank<r>.pkl. A hang fails after timeout_s."""
+def spawn_workers(run_case, world: int, cases: list[dict], timeout_s: float) -> list[dict]:
+    """Run run_case(case) for every case on `world` spawned gloo ranks (run_case must be a module-level
+    function); per rank, {case name: result or {"error"}}. A hang fails after timeout_s."""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
         port = free_port()
-        procs = [ctx.Process(target=worker, args=(r, world, port, cases, out_dir)) for r in range(world)]
+        procs = [
+            ctx.Process(target=_rank_main, args=(r, world, port, run_case, cases, out_dir, timeout_s))
+            for r in range(world)
+        ]
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout_s  # one deadline for the group, not one per rank
@@ -232,7 +237,7 @@ def spawn_workers(worker, world: int, cases: list[dict], timeout_s: float) -> li
 
 def spawn_cases(world: int, cases: list[dict], timeout_s: float = TIMEOUT_S) -> list[dict]:
     """Run `cases` on `world` spawned gloo ranks; per rank, {case name: result or None or {"error"}}."""
-    return spawn_workers(_worker, world, cases, timeout_s)
+    return spawn_workers(compare_case, world, cases, timeout_s)
 
 
 def case(name: str, **cfg) -> dict:

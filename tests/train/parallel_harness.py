@@ -7,14 +7,7 @@ rank reports its per-step losses and, on request, the full gathered parameters.
 
 from __future__ import annotations
 
-import datetime
-import os
-import pickle
-import traceback
-
 import numpy as np
-import torch
-import torch.distributed as dist
 
 from tests.parallel.harness import spawn_workers
 
@@ -79,27 +72,6 @@ def run_case(case: dict) -> dict | None:
     return out
 
 
-def _worker(rank: int, world: int, port: int, cases: list[dict], out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ["TRITON_INTERPRET"] = "1"
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=TIMEOUT_S),
-    )  # fmt: skip
-    results = {}
-    for case in cases:
-        try:
-            results[case["name"]] = run_case(case)
-        except BaseException:  # CheckpointException is a BaseException
-            results[case["name"]] = {"error": traceback.format_exc()}
-        dist.barrier()
-    tmp = os.path.join(out_dir, f".rank{rank}.tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(results, f)
-    os.replace(tmp, os.path.join(out_dir, f"rank{rank}.pkl"))
-    dist.destroy_process_group()
-
-
 def spawn_trainers(world: int, cases: list[dict], timeout_s: float = TIMEOUT_S) -> list[dict]:
     """Run `cases` on `world` spawned gloo ranks; per rank, {case name: result or None or {"error"}}."""
-    return spawn_workers(_worker, world, cases, timeout_s)
+    return spawn_workers(run_case, world, cases, timeout_s)
