@@ -424,10 +424,10 @@ def validate(job: JobConfig, *, dp_size: int = 1) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     p = job.parallel
-    if job.fp8.enabled and (p.tp > 1 or p.cp > 1 or p.pp > 1):
+    if job.fp8.uses_te and (p.tp > 1 or p.cp > 1 or p.pp > 1):
         raise ConfigError(
-            f"fp8.recipe={job.fp8.recipe} with tp={p.tp}, cp={p.cp}, pp={p.pp}: the parallel blocks call the "
-            "weights directly and would bypass the FP8 linears; use fp8.recipe=none or tp=cp=pp=1"
+            f"fp8.recipe={job.fp8.recipe} with tp={p.tp}, cp={p.cp}, pp={p.pp}: Transformer Engine recipes run "
+            "on one process only; use fp8.recipe=rowwise on a parallel layout"
         )
     if not job.data.datasets:
         raise ConfigError("data.datasets is empty: give at least one prepared dataset folder (or '@stdlib')")

@@ -11,7 +11,7 @@ against the bf16, FP8 and mixed peaks.
 
 from llama3hp.fp8.config import BLOCK_LINEARS, RECIPES, Fp8Config
 from llama3hp.fp8.convert import apply_fp8, fp8_linear_names, select_fp8_linears
-from llama3hp.fp8.linear import Fp8Linear, Fp8LinearFunction
+from llama3hp.fp8.linear import Fp8Gemms, Fp8Linear, Fp8LinearFunction
 from llama3hp.fp8.mfu import Fp8Mfu, fp8_flops_per_token, fp8_flops_share, fp8_mfu
 from llama3hp.fp8.te import build_te_recipe, te_autocast, te_available
 
@@ -19,6 +19,7 @@ __all__ = [
     "BLOCK_LINEARS",
     "RECIPES",
     "Fp8Config",
+    "Fp8Gemms",
     "Fp8Linear",
     "Fp8LinearFunction",
     "Fp8Mfu",

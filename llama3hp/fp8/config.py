@@ -25,6 +25,18 @@ BLOCK_LINEARS = (
     "feed_forward.w3",
 )
 
+# How tensor parallelism splits each block linear (Megatron's split, `llama3hp.parallel.tensor`):
+# "column" shards the output features, "row" the input features.
+TP_SPLIT = {
+    "attention.wq": "column",
+    "attention.wk": "column",
+    "attention.wv": "column",
+    "attention.wo": "row",
+    "feed_forward.w1": "column",
+    "feed_forward.w3": "column",
+    "feed_forward.w2": "row",
+}
+
 
 @dataclass
 class Fp8Config:

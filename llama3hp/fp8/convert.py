@@ -13,7 +13,7 @@ import re
 
 from torch import nn
 
-from llama3hp.fp8.config import Fp8Config
+from llama3hp.fp8.config import TP_SPLIT, Fp8Config
 from llama3hp.fp8.linear import Fp8Linear
 
 _BLOCK_RE = re.compile(r"^layers\.(\d+)\.")
@@ -67,11 +67,26 @@ def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def apply_fp8(model: nn.Module, config: Fp8Config | None = None, **te_kwargs) -> list[str]:
+def local_features(fqn: str, linear: nn.Linear, tp_size: int) -> tuple[int, int]:
+    """(in, out) features of this rank's shard of `linear` once tensor parallelism (`TP_SPLIT`) cuts it."""
+    split = next((m for suffix, m in TP_SPLIT.items() if fqn.endswith(suffix)), None)
+    fin, fout = linear.in_features, linear.out_features
+    if tp_size > 1 and split == "column":
+        fout //= tp_size
+    elif tp_size > 1 and split == "row":
+        fin //= tp_size
+    return fin, fout
+
+
+def apply_fp8(
+    model: nn.Module, config: Fp8Config | None = None, *, tp_size: int = 1, **te_kwargs
+) -> list[str]:
     """Swaps the linears chosen by `config` (default Fp8Config()) in place; returns their FQNs.
 
-    Native recipes ("rowwise", "emulated") keep the Parameters (state dict and optimizer unchanged);
-    a linear whose in/out features are not multiples of 16 stays in high precision under "rowwise"
+    Native recipes ("rowwise", "emulated") keep the Parameters (state dict and optimizer unchanged),
+    so the model can then be tensor-parallelised: the parallel blocks call the Fp8Linear modules (or
+    their `Fp8Gemms` on the overlapped paths). Under "rowwise" a linear whose shard (`tp_size`, split
+    by `TP_SPLIT`) has in/out features that are not multiples of 16 stays in high precision
     (torch._scaled_mm needs 16-aligned dims). TE recipes forward `te_kwargs` (tp_group, tp_size,
     sequence_parallel, parallel_modes) to te.apply_te.
     """
@@ -80,6 +95,8 @@ def apply_fp8(model: nn.Module, config: Fp8Config | None = None, **te_kwargs) ->
     if config.uses_te:
         from llama3hp.fp8.te import apply_te
 
+        if tp_size > 1:
+            te_kwargs["tp_size"] = tp_size
         return apply_te(model, fqns, config, **te_kwargs)
     if te_kwargs:
         raise ValueError(f"arguments {sorted(te_kwargs)} apply only to Transformer Engine recipes (te_*)")
@@ -88,7 +105,7 @@ def apply_fp8(model: nn.Module, config: Fp8Config | None = None, **te_kwargs) ->
         mod = model.get_submodule(fqn)
         if isinstance(mod, Fp8Linear):
             continue
-        if config.recipe == "rowwise" and (mod.in_features % 16 or mod.out_features % 16):
+        if config.recipe == "rowwise" and any(n % 16 for n in local_features(fqn, mod, tp_size)):
             continue
         _set_submodule(model, fqn, Fp8Linear.from_linear(mod, config))
         converted.append(fqn)

@@ -17,6 +17,8 @@ Shape legend: M tokens (all leading dims of x flattened), K in_features, N out_f
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -27,7 +29,13 @@ from llama3hp.kernels.fp8_gemm import (
     scaled_mm_rowwise,
     scaled_mm_supported,
 )
-from llama3hp.kernels.fp8_quant import check_finite_scales, fp8_cast_transpose, fp8_cast_transpose_ref
+from llama3hp.kernels.fp8_quant import (
+    check_finite_scales,
+    fp8_cast_transpose,
+    fp8_cast_transpose_ref,
+    fp8_quantize_rowwise,
+    fp8_quantize_rowwise_ref,
+)
 
 
 def quantize_cast_transpose(x: torch.Tensor, fp8_dtype: torch.dtype, scale_ub: float | None, cfg: Fp8Config):
@@ -46,6 +54,24 @@ def quantize_cast_transpose(x: torch.Tensor, fp8_dtype: torch.dtype, scale_ub: f
     return out
 
 
+def quantize_rows(x: torch.Tensor, fp8_dtype: torch.dtype, scale_ub: float | None, cfg: Fp8Config):
+    """x [R, C] -> (q [R, C], scale_inv [R]) quantized per row by the configured backend.
+
+    Same values as the first half of `quantize_cast_transpose` (the CUDA backend has only the
+    cast+transpose kernel, so it runs that and keeps the row-wise half)."""
+    backend = "torch" if cfg.recipe == "emulated" else cfg.quant_backend
+    if backend == "cuda":
+        q, s = quantize_cast_transpose(x, fp8_dtype, scale_ub, cfg)[:2]
+        return q, s
+    if backend == "torch":
+        q, s = fp8_quantize_rowwise_ref(x, fp8_dtype, scale_ub)
+    else:
+        q, s = fp8_quantize_rowwise(x.contiguous(), fp8_dtype, scale_ub, check_finite=False, backend=backend)
+    if cfg.check_finite:
+        check_finite_scales(s)
+    return q, s
+
+
 def gemm_rowwise(a, b, scale_a, scale_b, out_dtype: torch.dtype, cfg: Fp8Config) -> torch.Tensor:
     """(a * scale_a) @ (b * scale_b)^T for a [M, R], b [N, R] fp8 by the configured GEMM -> [M, N]."""
     gemm = "torch" if cfg.recipe == "emulated" else cfg.gemm
@@ -56,6 +82,42 @@ def gemm_rowwise(a, b, scale_a, scale_b, out_dtype: torch.dtype, cfg: Fp8Config)
     if gemm == "triton":
         return fp8_gemm_rowwise(a, b, scale_a, scale_b, out_dtype, backend="triton")
     return fp8_gemm_rowwise_ref(a, b, scale_a, scale_b, out_dtype)
+
+
+@dataclass(frozen=True)
+class Fp8Gemms:
+    """The three GEMMs of y = x W^T on FP8 operands, for code that schedules its own GEMMs (the
+    tensor-parallel overlap in `llama3hp.parallel.tensor` runs them chunk by chunk of tokens).
+
+    Each GEMM quantizes both operands per row along its reduction dim, with the formats and the
+    activation bound of `Fp8LinearFunction`, so a GEMM cut into row chunks of x or dy gives exactly
+    the rows of the whole one (per-token scales are row-local). 2-D operands; results in out_dtype.
+    """
+
+    cfg: Fp8Config
+
+    def _mm(self, a, a_dtype, a_ub, b, b_dtype, b_ub, out_dtype) -> torch.Tensor:
+        with torch.autocast(device_type=a.device.type, enabled=False):
+            aq, sa = quantize_rows(a, a_dtype, a_ub, self.cfg)
+            bq, sb = quantize_rows(b, b_dtype, b_ub, self.cfg)
+            return gemm_rowwise(aq, bq, sa, sb, out_dtype, self.cfg)
+
+    def fprop(self, x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """x [M, K] @ w [N, K]^T -> [M, N]: x per token (bounded), w per output channel."""
+        c = self.cfg
+        return self._mm(x, c.fwd_torch_dtype, c.activation_scale_ub, w, c.fwd_torch_dtype, None, out_dtype)
+
+    def dgrad(self, dy: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """dy [M, N] @ w [N, K] -> dx [M, K]: dy per token, w per input channel."""
+        c = self.cfg
+        return self._mm(dy, c.grad_torch_dtype, None, w.t(), c.fwd_torch_dtype, None, out_dtype)
+
+    def wgrad(self, dy: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """dy [M, N]^T @ x [M, K] -> dW [N, K]: both per channel along the tokens."""
+        c = self.cfg
+        return self._mm(
+            dy.t(), c.grad_torch_dtype, None, x.t(), c.fwd_torch_dtype, c.activation_scale_ub, out_dtype
+        )
 
 
 class Fp8LinearFunction(torch.autograd.Function):

@@ -15,19 +15,7 @@ import functools
 import torch
 from torch import nn
 
-from llama3hp.fp8.config import Fp8Config
-
-# Megatron's split of a Llama block: outputs of the first GEMM of each branch sharded (column), the
-# second GEMM's inputs sharded (row), so each branch needs one all-reduce (or reduce-scatter).
-DEFAULT_PARALLEL_MODES = {
-    "attention.wq": "column",
-    "attention.wk": "column",
-    "attention.wv": "column",
-    "attention.wo": "row",
-    "feed_forward.w1": "column",
-    "feed_forward.w3": "column",
-    "feed_forward.w2": "row",
-}
+from llama3hp.fp8.config import TP_SPLIT, Fp8Config
 
 
 @functools.cache
@@ -102,7 +90,7 @@ def apply_te(
     """Replaces the nn.Linear modules at `fqns` by te.pytorch.Linear and wraps model's forward in
     te_autocast (forward pre/post hooks, exited even when forward raises). Returns the FQNs."""
     te, _ = _require_te()
-    modes = DEFAULT_PARALLEL_MODES if parallel_modes is None else parallel_modes
+    modes = TP_SPLIT if parallel_modes is None else parallel_modes
     rank = tp_group.rank() if tp_group is not None else 0
     for fqn in fqns:
         lin = model.get_submodule(fqn)

@@ -11,6 +11,12 @@ by `MatmulReduceScatter`): the sequence shard is cut into chunks whose collectiv
 asynchronously and pipelined with the GEMMs of the previous chunk (async TP / userbuffers idea).
 Both paths compute the same rows with the same GEMMs, so results agree to float32 rounding.
 
+FP8: the parallel blocks call the model's linear modules, so an `llama3hp.fp8.Fp8Linear` (converted
+before `apply_tp`, which then shards its weight) runs its FP8 GEMMs on the shard; the overlapped paths
+run its `Fp8Gemms` chunk by chunk, which give the same rows as the whole GEMM. Scales follow each
+GEMM's reduction dim, so where that dim is split over TP (a row-parallel forward, a column-parallel
+input gradient) they are per shard: finer than one process's, equal to FP8 tolerance.
+
 Shape legend: B rows, T tokens per row (after CP), S = T/tp tokens of a sequence shard, D model dim,
 O output features of a local shard, V_l local vocabulary shard, N = B*T.
 """
@@ -105,12 +111,13 @@ class AllGatherMatmul(torch.autograd.Function):
     """Forward: y_k = all_gather(x) @ W_k.T with the gather of chunk c+1 in flight during the GEMMs of
     chunk c. Backward: dx = reduce_scatter(sum_k dy_k @ W_k), each chunk's reduce-scatter in flight
     during the next chunk's GEMMs; dW_k = dy_k.T @ all_gather(x) (the gathered x is kept).
+    `gemms[k]` runs W_k's three GEMMs (`PlainGemms`, or `llama3hp.fp8.Fp8Gemms` for an FP8 linear).
 
     x: [B, S, D] sequence shard; weights W_k: [O_k, D]. Returns y_k: [B, tp*S, O_k].
     """
 
     @staticmethod
-    def forward(ctx, x, group, n_chunks, *weights):
+    def forward(ctx, x, group, n_chunks, gemms, out_dtype, *weights):
         tp = group_size(group)
         B, S, D = x.shape
         s = S // n_chunks
@@ -126,10 +133,11 @@ class AllGatherMatmul(torch.autograd.Function):
             work.wait()
             g = bufs[c].view(tp, B, s, D).permute(1, 0, 2, 3)  # [B, tp, s, D]
             x_full[:, :, c] = g
-            for w, o in zip(weights, outs):
-                o[:, :, c] = g @ w.T
+            g2 = g.reshape(-1, D)
+            for w, o, mm in zip(weights, outs, gemms):
+                o[:, :, c] = mm.fprop(g2, w, out_dtype).view(B, tp, s, -1)
             work = nxt
-        ctx.group, ctx.n_chunks = group, n_chunks
+        ctx.group, ctx.n_chunks, ctx.gemms = group, n_chunks, gemms
         ctx.save_for_backward(x_full.view(B, tp * S, D), *weights)
         return tuple(o.view(B, tp * S, -1) for o in outs)
 
@@ -140,20 +148,27 @@ class AllGatherMatmul(torch.autograd.Function):
         tp = group_size(group)
         B, T, D = x_full.shape
         S, s = T // tp, T // tp // n
-        live = [(g, w) for g, w in zip(grads, weights) if g is not None]
+        live = [(g, w, mm) for g, w, mm in zip(grads, weights, ctx.gemms) if g is not None]
         recvs, works = [], []
         for c in range(n):
-            gc = sum(g.view(B, tp, n, s, -1)[:, :, c] @ w for g, w in live)  # [B, tp, s, D]
+            gc = sum(
+                mm.dgrad(g.view(B, tp, n, s, -1)[:, :, c].reshape(B * tp * s, -1), w, x_full.dtype)
+                for g, w, mm in live
+            ).view(B, tp, s, D)
             recvs.append(x_full.new_empty(B, s, D))
             works.append(
                 reduce_scatter_single(
                     recvs[c], gc.permute(1, 0, 2, 3).reshape(tp * B, s, D), group=group, async_op=True
                 )
             )
-        dws = [None if g is None else g.reshape(-1, g.shape[-1]).T @ x_full.reshape(-1, D) for g in grads]
+        x2 = x_full.reshape(-1, D)
+        dws = [
+            None if g is None else mm.wgrad(g.reshape(-1, g.shape[-1]), x2, w.dtype)
+            for g, w, mm in zip(grads, weights, ctx.gemms)
+        ]
         for w in works:
             w.wait()
-        return (torch.cat(recvs, dim=1).view(B, S, D), None, None, *dws)
+        return (torch.cat(recvs, dim=1).view(B, S, D), None, None, None, None, *dws)
 
 
 class MatmulReduceScatter(torch.autograd.Function):
@@ -161,22 +176,24 @@ class MatmulReduceScatter(torch.autograd.Function):
     GEMM. Backward: all-gather dy chunk by chunk, dx = dy @ W per chunk as it lands, dW = dy.T @ x.
 
     x: [B, T, F_l] (full sequence, local input features); W: [D, F_l]. Returns [B, T/tp, D].
+    `gemms` runs W's three GEMMs (see AllGatherMatmul).
     """
 
     @staticmethod
-    def forward(ctx, x, group, n_chunks, weight):
+    def forward(ctx, x, group, n_chunks, gemms, out_dtype, weight):
         tp = group_size(group)
         B, T, Fl = x.shape
         s = T // tp // n_chunks
         xv = x.view(B, tp, n_chunks, s, Fl)
         recvs, works = [], []
         for c in range(n_chunks):
-            yc = (xv[:, :, c] @ weight.T).permute(1, 0, 2, 3).reshape(tp * B, s, -1)  # [tp*B, s, D]
+            yc = gemms.fprop(xv[:, :, c].reshape(-1, Fl), weight, out_dtype).view(B, tp, s, -1)
+            yc = yc.permute(1, 0, 2, 3).reshape(tp * B, s, -1)  # [tp*B, s, D]
             recvs.append(x.new_empty(B, s, weight.shape[0]))
             works.append(reduce_scatter_single(recvs[c], yc, group=group, async_op=True))
         for w in works:
             w.wait()
-        ctx.group, ctx.n_chunks = group, n_chunks
+        ctx.group, ctx.n_chunks, ctx.gemms = group, n_chunks, gemms
         ctx.save_for_backward(x, weight)
         return torch.cat(recvs, dim=1)
 
@@ -200,10 +217,10 @@ class MatmulReduceScatter(torch.autograd.Function):
             work.wait()
             gg = bufs[c].view(tp, B, s, D).permute(1, 0, 2, 3)
             g_full[:, :, c] = gg
-            dx[:, :, c] = gg @ weight
+            dx[:, :, c] = ctx.gemms.dgrad(gg.reshape(-1, D), weight, x.dtype).view(B, tp, s, Fl)
             work = nxt
-        dw = g_full.reshape(-1, D).T @ x.reshape(-1, Fl)
-        return dx.view(B, T, Fl), None, None, dw
+        dw = ctx.gemms.wgrad(g_full.reshape(-1, D), x.reshape(-1, Fl), weight.dtype)
+        return dx.view(B, T, Fl), None, None, None, None, dw
 
 
 class VocabParallelCrossEntropy(torch.autograd.Function):
@@ -342,6 +359,56 @@ def _shard_dlogits(logits, targets, lse, scale, ignore_index: int, z: float, fus
 # ---------------------------------------------------------------------------------------------
 # The TP communication plan a module calls
 
+# What TPComm multiplies by: a linear module (nn.Linear, or its FP8 subclass, whose own forward then
+# runs) or a bare weight [O, D] (the output head, called through its weight).
+Linear = nn.Module | torch.Tensor
+
+
+class PlainGemms:
+    """The three GEMMs of y = x W^T in the autocast / input dtype (out_dtype is autocast's business)."""
+
+    @staticmethod
+    def fprop(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        return x @ w.T
+
+    @staticmethod
+    def dgrad(dy: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        return dy @ w
+
+    @staticmethod
+    def wgrad(dy: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        return dy.T @ x
+
+
+def gemms_for(linear: Linear):
+    """The GEMMs the overlapped TP paths run for `linear`: FP8 for an Fp8Linear, plain otherwise."""
+    cfg = getattr(linear, "fp8_config", None)
+    if cfg is None:
+        return PlainGemms
+    from llama3hp.fp8.linear import Fp8Gemms
+
+    return Fp8Gemms(cfg)
+
+
+def _weight(linear: Linear) -> torch.Tensor:
+    if isinstance(linear, torch.Tensor):
+        return linear
+    if linear.bias is not None:
+        raise ValueError(
+            "the overlapped TP paths take bias-free linears (Llama has none): set tp_overlap=false"
+        )
+    return linear.weight
+
+
+def _call(linear: Linear, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, linear) if isinstance(linear, torch.Tensor) else linear(x)
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear on x gives: autocast's when it is on, else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
 
 @dataclass
 class TPComm:
@@ -361,17 +428,19 @@ class TPComm:
     def rank(self) -> int:
         return group_rank(self.group)
 
-    def column(self, x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
-        """x: [B, S, D] (SP shard) or [B, T, D] (replicated); weights [O_k, D] -> [B, T, O_k] each."""
+    def column(self, x: torch.Tensor, linears: list[Linear]) -> list[torch.Tensor]:
+        """x: [B, S, D] (SP shard) or [B, T, D] (replicated); linears with weights [O_k, D] -> [B, T, O_k] each."""
         if self.size == 1:
-            return [F.linear(x, w) for w in weights]
+            return [_call(lin, x) for lin in linears]
         if not self.sequence_parallel:
             x = CopyToTP.apply(x, self.group)
-            return [F.linear(x, w) for w in weights]
+            return [_call(lin, x) for lin in linears]
         if self.overlap:
-            return list(AllGatherMatmul.apply(x, self.group, self.chunks, *weights))
+            gemms = tuple(gemms_for(lin) for lin in linears)
+            weights = [_weight(lin) for lin in linears]
+            return list(AllGatherMatmul.apply(x, self.group, self.chunks, gemms, _out_dtype(x), *weights))
         x = GatherFromSP.apply(x, self.group)
-        return [F.linear(x, w) for w in weights]
+        return [_call(lin, x) for lin in linears]
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, S, D] (SP shard) or [B, T, D] -> [B, T, D] on every TP rank; backward sums the
@@ -382,13 +451,14 @@ class TPComm:
             return GatherFromSP.apply(x, self.group)
         return CopyToTP.apply(x, self.group)
 
-    def row(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, F_l]; weight [D, F_l] -> [B, S, D] (SP) or [B, T, D] summed over TP."""
+    def row(self, x: torch.Tensor, linear: Linear) -> torch.Tensor:
+        """x: [B, T, F_l]; a linear with weight [D, F_l] -> [B, S, D] (SP) or [B, T, D] summed over TP."""
         if self.size == 1:
-            return F.linear(x, weight)
+            return _call(linear, x)
         if self.sequence_parallel and self.overlap:
-            return MatmulReduceScatter.apply(x, self.group, self.chunks, weight)
-        return self.reduce_partial(F.linear(x, weight))
+            w = _weight(linear)
+            return MatmulReduceScatter.apply(x, self.group, self.chunks, gemms_for(linear), _out_dtype(x), w)
+        return self.reduce_partial(_call(linear, x))
 
     def reduce_partial(self, y: torch.Tensor) -> torch.Tensor:
         """Partial sums [B, T, D] -> summed, sequence-sharded under SP."""
@@ -430,7 +500,7 @@ class ParallelAttention(nn.Module):
 
     def forward(self, x, positions_BT, inv_freq, cu_seqlens, max_seqlen):
         """x: [B, S, D] (SP) or [B, T, D]; positions_BT: [B, T] global RoPE positions of local tokens."""
-        q, k, v = self.tp.column(x, [self.wq.weight, self.wk.weight, self.wv.weight])
+        q, k, v = self.tp.column(x, [self.wq, self.wk, self.wv])
         B, T = q.shape[:2]
         q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))
         q, k = K.apply_rope(q, k, positions_BT, inv_freq, backend=self.kernels.rope)
@@ -438,7 +508,7 @@ class ParallelAttention(nn.Module):
             o = self.cp.attention(q, k, v, cu_seqlens, backend=self.kernels.attention)
         else:
             o = K.attention(q, k, v, cu_seqlens, max_seqlen=max_seqlen, backend=self.kernels.attention)
-        return self.tp.row(o.reshape(B, T, -1), self.wo.weight)
+        return self.tp.row(o.reshape(B, T, -1), self.wo)
 
 
 class ParallelFeedForward(nn.Module):
@@ -450,8 +520,8 @@ class ParallelFeedForward(nn.Module):
         self.backend, self.tp = ffn.backend, tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.tp.column(x, [self.w1.weight, self.w3.weight])
-        return self.tp.row(K.swiglu(gate, up, backend=self.backend), self.w2.weight)
+        gate, up = self.tp.column(x, [self.w1, self.w3])
+        return self.tp.row(K.swiglu(gate, up, backend=self.backend), self.w2)
 
 
 def _shard(p: torch.Tensor, dim: int, tp: TPComm) -> nn.Parameter:

@@ -191,7 +191,9 @@ def build_model(job: JobConfig, device: torch.device, ctx: ParallelContext):
     if ctx.mesh is not None:
         # Each rank materialises only the shards it keeps, with the values whole-then-shard would
         # give (init is seeded per parameter): host memory is one parameter at a time, not the whole
-        # model. FP8 is refused on a mesh by check_fp8, so there is nothing to convert here.
+        # model. The native FP8 linears share their meta Parameters, so converting first is free, and
+        # tensor parallelism then shards their weights and calls them (check_fp8 refuses TE here).
+        apply_fp8_layers(model, job, tp_size=ctx.mesh.dims.tp)
         return apply_parallelism(model, ctx, job.parallel, init_seed=job.training.seed)
     model.to_empty(device=device)
     model.init_weights(seed=job.training.seed)
@@ -205,17 +207,33 @@ def build_model(job: JobConfig, device: torch.device, ctx: ParallelContext):
     return apply_parallelism(model, ctx, job.parallel)
 
 
-def apply_fp8_layers(model: torch.nn.Module, job: JobConfig) -> list[str]:
+def apply_fp8_layers(model: torch.nn.Module, job: JobConfig, tp_size: int = 1) -> list[str]:
     """Converts the block linears chosen by job.fp8 (none when fp8.recipe="none"); returns their FQNs.
 
     TE recipes also wrap the model's forward in te_autocast with the recipe built from job.fp8
-    (forward hooks installed by `llama3hp.fp8.te.apply_te`).
+    (forward hooks installed by `llama3hp.fp8.te.apply_te`). `tp_size`: the shards' dims decide
+    which linears the row-wise GEMM can take.
     """
     if not job.fp8.enabled:
         return []
     from llama3hp.fp8 import apply_fp8
 
-    return apply_fp8(model, job.fp8)
+    return apply_fp8(model, job.fp8, tp_size=tp_size)
+
+
+def fp8_linear_fqns(built: Any, ctx: ParallelContext) -> list[str]:
+    """FQNs of the whole model's FP8 linears (every pipeline stage's, the same list on every rank)."""
+    from llama3hp.fp8 import fp8_linear_names
+
+    if ctx.mesh is None:
+        return fp8_linear_names(built)
+    mine = sorted({name for chunk in built.chunks for name in fp8_linear_names(chunk)})
+    pp_group = ctx.mesh.pp_group
+    if pp_group is None:
+        return mine
+    parts: list[list[str]] = [[] for _ in range(ctx.mesh.dims.pp)]
+    dist.all_gather_object(parts, mine, group=pp_group)
+    return sorted({name for part in parts for name in part})
 
 
 def check_fp8(job: JobConfig, ctx: ParallelContext, device: torch.device) -> None:
@@ -226,13 +244,13 @@ def check_fp8(job: JobConfig, ctx: ParallelContext, device: torch.device) -> Non
         job.fp8.check_device(device)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if ctx.mesh is not None:
-        # llama3hp.parallel.apply_tp installs ParallelAttention / ParallelFeedForward on every mesh
-        # (tp=1 included) and they call F.linear on the weights, so Fp8Linear.forward never runs.
+    if ctx.mesh is not None and job.fp8.uses_te:
+        # The parallel blocks (llama3hp.parallel.tensor) drive TP/SP communication themselves and call
+        # the native Fp8Linear modules; TE's Linear would do its own, and TE is on no machine here
+        # to test the pairing against.
         raise ConfigError(
-            f"fp8.recipe={job.fp8.recipe} on a {ctx.world_size}-rank mesh: the parallel blocks call the "
-            "weights with F.linear and would silently bypass the FP8 linears; train FP8 on one process "
-            "or set fp8.recipe=none"
+            f"fp8.recipe={job.fp8.recipe} on a {ctx.world_size}-rank mesh: Transformer Engine recipes run on "
+            "one process only; use fp8.recipe=rowwise (TP/CP/PP/DP-aware) on a mesh"
         )
 
 
@@ -369,12 +387,7 @@ class Trainer:
         built = build_model(job, self.device, self.ctx)
         self.pm = built if self.ctx.mesh is not None else None  # ParallelModel on a mesh
         self.model = None if self.pm is not None else built
-        if job.fp8.enabled:
-            from llama3hp.fp8 import fp8_linear_names
-
-            self.fp8_fqns = fp8_linear_names(self.model)  # FP8 is single-process only (check_fp8)
-        else:
-            self.fp8_fqns = []
+        self.fp8_fqns = fp8_linear_fqns(built, self.ctx) if job.fp8.enabled else []
         if self.pm is not None:
             self.optimizer = build_sharded_optimizer(self.pm, job.training, self.device)
         else:

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from llama3hp.fp8 import Fp8Config, Fp8Linear, apply_fp8
 from llama3hp.model import ModelArgs, Transformer
 from llama3hp.parallel import MicroBatch, ParallelConfig, build_mesh, parallelize
 
@@ -59,9 +60,19 @@ def make_batches(step: int, dp: int, micro: int, rows: int, T: int, vocab: int) 
     return out
 
 
-def reference_run(args: ModelArgs, steps: int, dp: int, micro: int, rows: int, T: int, lr: float):
+def convert_fp8(model: Transformer, recipe: str | None, tp_size: int = 1) -> Transformer:
+    """The model with its block linears in FP8 (`recipe`, e.g. "emulated"; None: unchanged)."""
+    if recipe is not None:
+        assert apply_fp8(model, Fp8Config(recipe=recipe), tp_size=tp_size), "no linear was converted"
+    return model
+
+
+def reference_run(
+    args: ModelArgs, steps: int, dp: int, micro: int, rows: int, T: int, lr: float, fp8: str | None = None
+):
     model = Transformer(args)
     model.init_weights(seed=0)
+    convert_fp8(model, fp8)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -87,16 +98,16 @@ def reference_run(args: ModelArgs, steps: int, dp: int, micro: int, rows: int, T
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def build_whole_then_shard(args: ModelArgs, mesh, cfg: ParallelConfig):
+def build_whole_then_shard(args: ModelArgs, mesh, cfg: ParallelConfig, fp8: str | None = None):
     model = Transformer(args)
     model.init_weights(seed=0)
-    return parallelize(model, mesh, cfg)
+    return parallelize(convert_fp8(model, fp8, cfg.tp), mesh, cfg)
 
 
-def build_rank_local(args: ModelArgs, mesh, cfg: ParallelConfig):
+def build_rank_local(args: ModelArgs, mesh, cfg: ParallelConfig, fp8: str | None = None):
     with torch.device("meta"):
         model = Transformer(args)
-    return parallelize(model, mesh, cfg, init_seed=0)
+    return parallelize(convert_fp8(model, fp8, cfg.tp), mesh, cfg, init_seed=0)
 
 
 def shard_mismatches(a, b) -> list[str]:
@@ -122,16 +133,18 @@ def parallel_run(
     T: int,
     lr: float,
     materialize: bool,
+    fp8: str | None = None,
 ):
     mesh = build_mesh(cfg)
     if mesh is None:
         return None
     init_mismatch: list[str] = []
     if materialize:
-        pm = build_rank_local(args, mesh, cfg)
-        init_mismatch = shard_mismatches(pm, build_whole_then_shard(args, mesh, cfg))
+        pm = build_rank_local(args, mesh, cfg, fp8)
+        init_mismatch = shard_mismatches(pm, build_whole_then_shard(args, mesh, cfg, fp8))
     else:
-        pm = build_whole_then_shard(args, mesh, cfg)
+        pm = build_whole_then_shard(args, mesh, cfg, fp8)
+    n_fp8 = sum(isinstance(m, Fp8Linear) for chunk in pm.chunks for m in chunk.modules())
     opt = torch.optim.AdamW(pm.param_groups(0.1), lr=lr)
     losses = []
     for step in range(steps):
@@ -142,11 +155,14 @@ def parallel_run(
         pm.after_optimizer_step()
         pm.zero_grad()
         losses.append(loss.item())
-    return losses, pm.full_state_dict(), init_mismatch
+    return losses, pm.full_state_dict(), init_mismatch, n_fp8
 
 
 def compare_case(case: dict) -> dict | None:
-    """Train under case["cfg"] and on one process; the largest differences (None off-layout)."""
+    """Train under case["cfg"] and on one process; the largest differences (None off-layout).
+
+    With case["fp8"] (a recipe) both runs convert the block linears to FP8 first, and the result also
+    holds `fp8_effect`, how far the one-process FP8 run's losses are from the plain one's."""
     args = small_args(**case.get("model", {}))
     cfg = ParallelConfig(**case["cfg"])
     steps, micro, rows, T, lr = (
@@ -156,13 +172,20 @@ def compare_case(case: dict) -> dict | None:
         case.get("T", 16),
         1e-3,
     )
-    got = parallel_run(args, cfg, steps, micro, rows, T, lr, case.get("materialize", False))
+    fp8 = case.get("fp8")
+    got = parallel_run(args, cfg, steps, micro, rows, T, lr, case.get("materialize", False), fp8)
     if got is None:
         return None
     dp = cfg.dp
-    ref_losses, ref_params = reference_run(args, steps, dp, micro, rows, T, lr)
-    losses, params, init_mismatch = got
+    ref_losses, ref_params = reference_run(args, steps, dp, micro, rows, T, lr, fp8)
+    losses, params, init_mismatch, n_fp8 = got
+    fp8_effect = None
+    if fp8 is not None:
+        plain_losses, _ = reference_run(args, steps, dp, micro, rows, T, lr)
+        fp8_effect = max(abs(a - b) for a, b in zip(ref_losses, plain_losses))
     return {
+        "n_fp8": n_fp8,
+        "fp8_effect": fp8_effect,
         "losses": losses,
         "ref_losses": ref_losses,
         "loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses)),
@@ -241,7 +264,9 @@ def spawn_cases(world: int, cases: list[dict], timeout_s: float = TIMEOUT_S) -> 
 
 
 def case(name: str, **cfg) -> dict:
-    extra = {k: cfg.pop(k) for k in ("model", "steps", "micro", "rows", "T", "materialize") if k in cfg}
+    extra = {
+        k: cfg.pop(k) for k in ("model", "steps", "micro", "rows", "T", "materialize", "fp8") if k in cfg
+    }
     return {"name": name, "cfg": cfg, **extra}
 
 

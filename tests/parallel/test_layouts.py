@@ -3,7 +3,8 @@
 
 Switches are checked both ways against the same one-process run: cp_overlap (on by default in the
 cp cases), tp_chunked_loss (on in the tp cases), zero3_backward_prefetch (on in the zero3 cases), and
-rank-local materialisation (`materialize`: shards equal the whole-then-shard ones bit for bit)."""
+rank-local materialisation (`materialize`: shards equal the whole-then-shard ones bit for bit).
+FP8_CASES run the same layouts with the block linears in FP8 against the one-process FP8 run."""
 
 from __future__ import annotations
 
@@ -44,16 +45,42 @@ CASES = [
     case("materialize_tp2_cp2_pp2", tp=2, cp=2, pp=2, dp=1, T=32, materialize=True),
 ]
 
+# FP8 (emulated GEMMs on CPU) against the one-process FP8 run. Layouts that only split the rows into
+# micro-batches (DP, PP) feed every FP8 GEMM the same tokens and reduction dims as one process: equal
+# losses. TP quantizes per shard where a GEMM reduces over a TP shard and CP computes the weight-
+# gradient scales over its half of the tokens: equal to FP8 tolerance (GEMM-level exactness is in
+# test_fp8_tp.py). Parameters: AdamW turns tiny gradient differences into steps of up to ~lr, so an
+# FP8 case's parameters are checked to a few steps of lr.
+FP8_CASES = [
+    case("fp8_pp2", tp=1, cp=1, pp=2, dp=1, micro=3, fp8="emulated"),
+    case("fp8_dp2_zero3", tp=1, cp=1, pp=1, dp=2, zero_stage=3, fp8="emulated"),
+    case("fp8_tp2", tp=2, cp=1, pp=1, dp=1, fp8="emulated"),
+    case("fp8_tp2_overlap", tp=2, cp=1, pp=1, dp=1, tp_overlap=True, fp8="emulated"),
+    case("fp8_tp2_no_sp", tp=2, cp=1, pp=1, dp=1, sequence_parallel=False, fp8="emulated"),
+    case("fp8_cp2", tp=1, cp=2, pp=1, dp=1, fp8="emulated"),
+    case(
+        "fp8_rowwise_materialize_tp2_pp2_dp2",
+        tp=2,
+        cp=1,
+        pp=2,
+        dp=2,
+        zero_stage=1,
+        fp8="rowwise",
+        materialize=True,
+    ),
+]
+FP8_SAME_TOKENS = {"fp8_pp2", "fp8_dp2_zero3"}
 TOL_LOSS, TOL_PARAM = 1e-5, 5e-5
+TOL_LOSS_FP8_SHARDED, LR = 2e-3, 1e-3
 
 
 @pytest.fixture(scope="module")
 def results():
-    return spawn_cases(8, CASES)
+    return spawn_cases(8, CASES + FP8_CASES)
 
 
-@pytest.mark.parametrize("name", [c["name"] for c in CASES])
-def test_layout_matches_one_process(results, name):
+def _ranks(results, name):
+    out = []
     for rank, per_rank in enumerate(results):
         r = per_rank[name]
         if r is None:
@@ -61,7 +88,43 @@ def test_layout_matches_one_process(results, name):
         assert "error" not in r, f"rank {rank}: {r.get('error')}"
         assert not r["missing"], f"rank {rank}: parameters missing from the gathered state: {r['missing']}"
         assert not r["init_mismatch"], f"rank {rank}: rank-local shards differ: {r['init_mismatch']}"
+        out.append((rank, r))
+    assert out, f"no rank ran {name}"
+    return out
+
+
+@pytest.mark.parametrize("name", [c["name"] for c in CASES])
+def test_layout_matches_one_process(results, name):
+    for rank, r in _ranks(results, name):
         assert r["loss_diff"] < TOL_LOSS * max(r["ref_losses"]), (
             f"rank {rank}: {r['losses']} vs {r['ref_losses']}"
         )
         assert r["param_diff"] < TOL_PARAM * r["param_scale"], f"rank {rank}: param diff {r['param_diff']}"
+
+
+@pytest.mark.parametrize("name", [c["name"] for c in FP8_CASES])
+def test_fp8_layout_matches_one_process_fp8(results, name):
+    for rank, r in _ranks(results, name):
+        assert r["n_fp8"] > 0, f"rank {rank}: no Fp8Linear in the rank's chunks"
+        scale = max(r["ref_losses"])
+        if name in FP8_SAME_TOKENS:
+            assert r["loss_diff"] < TOL_LOSS * scale, f"rank {rank}: {r['losses']} vs {r['ref_losses']}"
+            assert r["fp8_effect"] > 100 * r["loss_diff"], (
+                f"rank {rank}: FP8 changed nothing ({r['fp8_effect']})"
+            )
+        else:
+            assert r["loss_diff"] < TOL_LOSS_FP8_SHARDED * scale, (
+                f"rank {rank}: {r['losses']} vs {r['ref_losses']}"
+            )
+        assert r["param_diff"] < 3 * r.get("steps", 3) * LR, f"rank {rank}: param diff {r['param_diff']}"
+
+
+def test_fp8_tp_overlap_and_no_sp_equal_the_plain_sp_path(results):
+    """The three TP paths run the same FP8 GEMMs on the same rows: the same losses to fp32 rounding."""
+    for (_, base), (_, ov), (_, nosp) in zip(
+        *(_ranks(results, n) for n in ("fp8_tp2", "fp8_tp2_overlap", "fp8_tp2_no_sp"))
+    ):
+        for other in (ov, nosp):
+            assert max(abs(a - b) for a, b in zip(other["losses"], base["losses"])) < 1e-5 * max(
+                base["losses"]
+            )

@@ -66,7 +66,13 @@ def run_case(case: dict) -> dict | None:
         return None
     trainer = Trainer(job, ctx=context_from_mesh(mesh), resume=case.get("resume"))
     result = trainer.run()
-    out = {"losses": result.losses, "steps": [r["step"] for r in result.rows], "run_dir": str(result.run_dir)}
+    out = {
+        "losses": result.losses,
+        "steps": [r["step"] for r in result.rows],
+        "run_dir": str(result.run_dir),
+        "fp8_fqns": trainer.fp8_fqns,
+        "fp8_share": [r.get("fp8_share") for r in result.rows],
+    }
     if case.get("params"):
         out["params"] = trainer.pm.full_state_dict()
     return out

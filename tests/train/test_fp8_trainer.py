@@ -54,8 +54,9 @@ def test_fp8_section_parses_and_validates():
         with pytest.raises(ConfigError, match=msg) as e:
             load_job_config("tiny", [override])
         assert "\n" not in str(e.value)
-    with pytest.raises(ConfigError, match="tp=2, cp=1, pp=1"):
-        load_job_config("tiny", ["fp8.recipe=rowwise", "parallel.tp=2"])
+    load_job_config("tiny", ["fp8.recipe=rowwise", "parallel.tp=2"])  # native FP8 is TP-aware
+    with pytest.raises(ConfigError, match="te_delayed with tp=2, cp=1, pp=1: Transformer Engine recipes run"):
+        load_job_config("tiny", ["fp8.recipe=te_delayed", "parallel.tp=2"])
 
 
 def test_fp8_device_and_layout_checks(monkeypatch):
@@ -66,13 +67,18 @@ def test_fp8_device_and_layout_checks(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA A100-SXM4-80GB")
     with pytest.raises(ConfigError, match="needs FP8 tensor cores .* sm80: use fp8.recipe=emulated"):
         T.check_fp8(job, T.ParallelContext(), torch.device("cuda"))
-    # A mesh (here a DP2 layout): the parallel blocks would bypass Fp8Linear, so it is refused.
+    # A mesh (here a DP2 layout): native FP8 runs there (tests/train/test_parallel_trainer.py); TE
+    # recipes are refused.
     dp2 = T.ParallelContext(rank=0, world_size=2, dp_rank=0, dp_size=2, mesh=object())
-    with pytest.raises(ConfigError, match="2-rank mesh: .* bypass the FP8 linears"):
-        T.check_fp8(job, dp2, torch.device("cpu"))
+    T.check_fp8(job, dp2, torch.device("cpu"))
     T.check_fp8(load_job_config("tiny"), dp2, torch.device("cpu"))  # FP8 off: nothing to check
     from llama3hp.fp8 import te
 
+    monkeypatch.setattr(te, "te_available", lambda: True)
+    with pytest.raises(
+        ConfigError, match="te_current on a 2-rank mesh: Transformer Engine recipes run on one"
+    ):
+        T.check_fp8(load_job_config("tiny", ["fp8.recipe=te_current"]), dp2, torch.device("cuda"))
     monkeypatch.setattr(te, "te_available", lambda: False)
     with pytest.raises(
         ConfigError, match=r"needs Transformer Engine: pip install 'transformer-engine\[pytorch\]'"

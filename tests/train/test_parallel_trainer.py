@@ -27,6 +27,18 @@ LAYOUTS = {
 }
 
 
+# Row-wise FP8 (emulated GEMMs on CPU) against the one-process FP8 run: PP x DP feeds every FP8 GEMM
+# the rows one process does (one-row micro-batches), so the first step's loss is equal and later ones
+# drift only where fp32 rounding of the sharded optimizer tips an FP8 rounding (TOL_LOSS_FP8_ROWS);
+# TP quantizes per shard where a GEMM reduces over one: FP8 tolerance (tests/parallel/test_fp8_tp.py).
+FP8 = ["fp8.recipe=rowwise"]
+FP8_LAYOUTS = {
+    "fp8_pp2_dp2": [*FP8, "parallel.pp=2", "parallel.dp=2", "parallel.zero_stage=1"],
+    "fp8_tp2_dp2": [*FP8, "parallel.tp=2", "parallel.dp=2", "parallel.zero_stage=2"],
+}
+TOL_LOSS_FP8_ROWS, TOL_LOSS_FP8_TP = 2e-4, 2e-3
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("ptrain")
@@ -34,11 +46,17 @@ def setup(tmp_path_factory):
     trainer = Trainer(build_job(dataset, *STEPS, f"run_dir={root}/ref"))
     ref = trainer.run()
     ref_params = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    fp8_trainer = Trainer(build_job(dataset, *STEPS, *FP8, f"run_dir={root}/ref_fp8"))
+    ref_fp8 = fp8_trainer.run()
     ck = root / "tp2pp2" / "checkpoints"
     mid = ck / "step-00000002"
     cases = [
         {"name": n, "dataset": dataset, "params": True, "overrides": [*STEPS, *o, f"run_dir={root}/{n}"]}
         for n, o in LAYOUTS.items()
+    ]
+    cases += [
+        {"name": n, "dataset": dataset, "overrides": [*STEPS, *o, f"run_dir={root}/{n}"]}
+        for n, o in FP8_LAYOUTS.items()
     ]
     cases += [
         {  # run-level files from rank 0 only; the run folder is picked by rank 0 and broadcast
@@ -78,6 +96,8 @@ def setup(tmp_path_factory):
         "dataset": dataset,
         "ref": ref,
         "ref_params": ref_params,
+        "ref_fp8": ref_fp8,
+        "fp8_fqns": fp8_trainer.fp8_fqns,
         "results": results,
         "mid": mid,
     }
@@ -115,6 +135,24 @@ def test_trainer_layout_matches_one_process(setup, name):
         assert r["steps"] == [1, 2, 3, 4]
         assert _close(r["losses"], ref), f"{r['losses']} vs {ref}"
         _check_params(r["params"], setup["ref_params"])
+
+
+@pytest.mark.parametrize("name", list(FP8_LAYOUTS))
+def test_fp8_trainer_layout_matches_one_process_fp8(setup, name):
+    ref, plain = setup["ref_fp8"].losses, setup["ref"].losses
+    assert max(abs(a - b) for a, b in zip(ref, plain)) > 1e-4  # FP8 changes the one-process losses
+    rows_only = name == "fp8_pp2_dp2"
+    tol = TOL_LOSS_FP8_ROWS if rows_only else TOL_LOSS_FP8_TP
+    for r in _ranks(setup, name):
+        assert r["steps"] == [1, 2, 3, 4]
+        assert (
+            sorted(r["fp8_fqns"]) == sorted(setup["fp8_fqns"]) and len(r["fp8_fqns"]) == 4 * 7
+        )  # all blocks
+        assert all(0 < share < 1 for share in r["fp8_share"])
+        diffs = [abs(a - b) / max(abs(b), 1.0) for a, b in zip(r["losses"], ref)]
+        assert max(diffs) <= tol, f"{r['losses']} vs {ref}"
+        if rows_only:
+            assert diffs[0] <= TOL_LOSS, f"first step: {r['losses'][0]} vs {ref[0]}"
 
 
 def test_checkpoint_reshards_tp2_pp2_to_dp4_and_one_process(setup):
