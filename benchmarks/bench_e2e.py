@@ -91,20 +91,19 @@ def build_data(job, quick: bool):
     t = job.training
     if not quick:
         try:
+            import dataclasses
+
             from llama3hp.data import Tokenizer, build_loader
+            from llama3hp.train.trainer import resolve_datasets
 
             tok = Tokenizer.load(job.data.tokenizer_path)
-            folder = Path(job.data_cache) / f"stdlib-{tok.sha256[:12]}"
-            if (folder / "manifest.json").is_file():
-                import dataclasses
-
-                loader = build_loader(
-                    dataclasses.replace(job.data, datasets=[str(folder)]), tokenizer_sha256=tok.sha256
-                )
-                return (lambda: loader.next_batch(t.micro_batch_rows, t.seq_len)), f"corpus {folder}"
-            why = f"{folder} not prepared (make train prepares it)"
+            datasets = resolve_datasets(job, tok)  # prepares the stdlib corpus once (seconds)
+            loader = build_loader(
+                dataclasses.replace(job.data, datasets=datasets), tokenizer_sha256=tok.sha256
+            )
+            return (lambda: loader.next_batch(t.micro_batch_rows, t.seq_len)), f"corpus {', '.join(datasets)}"
         except Exception as e:  # noqa: BLE001 - no tokenizer package: fall back to synthetic tokens
-            why = f"tokenizer unavailable ({type(e).__name__})"
+            why = f"tokenizer or corpus unavailable ({type(e).__name__}: {str(e)[:120]})"
     else:
         why = "--quick"
     it = synthetic_batches(job.model.vocab_size, t.micro_batch_rows, t.seq_len, seed=job.data.seed)
