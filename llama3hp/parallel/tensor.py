@@ -131,11 +131,14 @@ class AllGatherMatmul(torch.autograd.Function):
         for c in range(n_chunks):
             nxt = start(c + 1) if c + 1 < n_chunks else None
             work.wait()
-            g = bufs[c].view(tp, B, s, D).permute(1, 0, 2, 3)  # [B, tp, s, D]
-            x_full[:, :, c] = g
-            g2 = g.reshape(-1, D)
+            g = bufs[c].view(tp, B, s, D)
+            x_full[:, :, c] = g.permute(1, 0, 2, 3)  # [B, tp, s, D]
+            # The GEMMs take the gathered rows in the buffer's (tp, B, s) order, contiguous as they
+            # landed; every op here is row-local, so only the outputs are permuted into place.
             for w, o, mm in zip(weights, outs, gemms):
-                o[:, :, c] = mm.fprop(g2, w, out_dtype).view(B, tp, s, -1)
+                o[:, :, c] = (
+                    mm.fprop(bufs[c].view(-1, D), w, out_dtype).view(tp, B, s, -1).permute(1, 0, 2, 3)
+                )
             work = nxt
         ctx.group, ctx.n_chunks, ctx.gemms = group, n_chunks, gemms
         ctx.save_for_backward(x_full.view(B, tp * S, D), *weights)
