@@ -38,6 +38,11 @@ TP_SPLIT = {
 }
 
 
+def tp_split(fqn: str, modes: dict[str, str] = TP_SPLIT) -> str | None:
+    """How tensor parallelism splits the linear at `fqn` ("column", "row"), None if it is not a block linear."""
+    return next((m for suffix, m in modes.items() if fqn.endswith(suffix)), None)
+
+
 @dataclass
 class Fp8Config:
     """How `apply_fp8` converts a model. Defaults: every linear of the transformer blocks in FP8
@@ -143,6 +148,16 @@ class Fp8Config:
     @property
     def grad_torch_dtype(self) -> torch.dtype:
         return FP8_FORMATS[self.grad_dtype]
+
+    @property
+    def quant_impl(self) -> str:
+        """The quantization backend that runs: the emulated recipe always uses the torch reference."""
+        return "torch" if self.recipe == "emulated" else self.quant_backend
+
+    @property
+    def gemm_impl(self) -> str:
+        """The GEMM setting that applies: the emulated recipe always runs the fp32 emulation."""
+        return "torch" if self.recipe == "emulated" else self.gemm
 
     @property
     def uses_te(self) -> bool:

@@ -13,7 +13,7 @@ import re
 
 from torch import nn
 
-from llama3hp.fp8.config import TP_SPLIT, Fp8Config
+from llama3hp.fp8.config import Fp8Config, tp_split
 from llama3hp.fp8.linear import Fp8Linear
 
 _BLOCK_RE = re.compile(r"^layers\.(\d+)\.")
@@ -69,7 +69,7 @@ def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
 
 def local_features(fqn: str, linear: nn.Linear, tp_size: int) -> tuple[int, int]:
     """(in, out) features of this rank's shard of `linear` once tensor parallelism (`TP_SPLIT`) cuts it."""
-    split = next((m for suffix, m in TP_SPLIT.items() if fqn.endswith(suffix)), None)
+    split = tp_split(fqn)
     fin, fout = linear.in_features, linear.out_features
     if tp_size > 1 and split == "column":
         fout //= tp_size

@@ -40,7 +40,7 @@ from llama3hp.kernels.fp8_quant import (
 
 def quantize_cast_transpose(x: torch.Tensor, fp8_dtype: torch.dtype, scale_ub: float | None, cfg: Fp8Config):
     """x [R, C] -> (q [R, C], scale_inv [R], qt [C, R], scale_inv_t [C]) by the configured backend."""
-    backend = "torch" if cfg.recipe == "emulated" else cfg.quant_backend
+    backend = cfg.quant_impl
     if backend == "cuda":
         from llama3hp.fp8.cuda_ops import cuda_cast_transpose
 
@@ -59,7 +59,7 @@ def quantize_rows(x: torch.Tensor, fp8_dtype: torch.dtype, scale_ub: float | Non
 
     Same values as the first half of `quantize_cast_transpose` (the CUDA backend has only the
     cast+transpose kernel, so it runs that and keeps the row-wise half)."""
-    backend = "torch" if cfg.recipe == "emulated" else cfg.quant_backend
+    backend = cfg.quant_impl
     if backend == "cuda":
         q, s = quantize_cast_transpose(x, fp8_dtype, scale_ub, cfg)[:2]
         return q, s
@@ -74,7 +74,7 @@ def quantize_rows(x: torch.Tensor, fp8_dtype: torch.dtype, scale_ub: float | Non
 
 def gemm_rowwise(a, b, scale_a, scale_b, out_dtype: torch.dtype, cfg: Fp8Config) -> torch.Tensor:
     """(a * scale_a) @ (b * scale_b)^T for a [M, R], b [N, R] fp8 by the configured GEMM -> [M, N]."""
-    gemm = "torch" if cfg.recipe == "emulated" else cfg.gemm
+    gemm = cfg.gemm_impl
     if gemm == "auto":
         gemm = "scaled_mm" if scaled_mm_supported(a.device) else ("triton" if a.is_cuda else "torch")
     if gemm == "scaled_mm":

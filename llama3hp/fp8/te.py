@@ -15,7 +15,7 @@ import functools
 import torch
 from torch import nn
 
-from llama3hp.fp8.config import TP_SPLIT, Fp8Config
+from llama3hp.fp8.config import TP_SPLIT, Fp8Config, tp_split
 
 
 @functools.cache
@@ -94,7 +94,7 @@ def apply_te(
     rank = tp_group.rank() if tp_group is not None else 0
     for fqn in fqns:
         lin = model.get_submodule(fqn)
-        mode = next((m for suffix, m in modes.items() if fqn.endswith(suffix)), None) if tp_size > 1 else None
+        mode = tp_split(fqn, modes) if tp_size > 1 else None
         new = te.Linear(
             lin.in_features,
             lin.out_features,
