@@ -85,7 +85,6 @@ def _rms_norm_bwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
     cols2 = cols[None, :]
-    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     # Persistent grid: program p takes row blocks p, p + programs, ... and keeps its dweight
     # partial in registers, so dweight costs one [programs, N] store instead of an [M, N] one.
@@ -98,14 +97,17 @@ def _rms_norm_bwd_kernel(
         dy = tl.load(DY + rows2 * stride_dy + cols2, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
         xhat = x * rstd
-        wdy = w * dy
+        # Order matters at wide rows (16,384 values a row is 32 fp32 values a thread per tensor):
+        # fold dy into dweight and into w*dy first, so only xhat, w*dy and the dweight partial are
+        # live across the row reduction (holding x, dy and w too spilled registers).
+        dw += dy * xhat
+        wdy = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :] * dy
         # d/dx of x*rstd*w: rstd * (w*dy - xhat * mean(xhat * w*dy))
         c = tl.sum(xhat * wdy, axis=1)[:, None] / N
         dx = (wdy - xhat * c) * rstd
         if HAS_DH:
             dx += tl.load(DH + rows2 * stride_dh + cols2, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows2 * stride_dx + cols2, dx.to(DX.dtype.element_ty), mask=mask)
-        dw += dy * xhat
     tl.store(DW_PARTIAL + pid * N + cols, tl.sum(dw, axis=0), mask=col_mask)
 
 
