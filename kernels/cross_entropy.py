@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from llama3hp.kernels.dispatch import check_backend, use_triton
+from llama3hp.kernels.dispatch import autocast_off, check_backend, matmul_dtype, use_triton
 
 REDUCTIONS = ("mean", "sum", "none")
 # Bytes of one chunk's logits: 256 MiB is ~1,024 rows of a 128,256 vocabulary in bf16, large
@@ -174,7 +174,37 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, hidden, weight, targets, ignore_index, reduction, z_loss_scale, chunk_rows, need_gh, need_gw
+        ctx,
+        hidden,
+        weight,
+        targets,
+        ignore_index,
+        reduction,
+        z_loss_scale,
+        chunk_rows,
+        need_gh,
+        need_gw,
+        mm_dtype,
+    ):
+        with autocast_off(hidden):
+            return LinearCrossEntropyFunction._forward(
+                ctx, hidden, weight, targets, ignore_index, reduction, z_loss_scale, chunk_rows, need_gh, need_gw,
+                mm_dtype,
+            )  # fmt: skip
+
+    @staticmethod
+    def _forward(
+        ctx,
+        hidden,
+        weight,
+        targets,
+        ignore_index,
+        reduction,
+        z_loss_scale,
+        chunk_rows,
+        need_gh,
+        need_gw,
+        mm_dtype,
     ):
         n, dev = hidden.shape[0], hidden.device
         loss = torch.empty(n, dtype=torch.float32, device=dev)
@@ -186,13 +216,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         else:
             scale = torch.ones(1, dtype=torch.float32, device=dev)
         gh, gw32 = _run_chunks(
-            hidden, weight, targets, ignore_index=ignore_index, z_loss_scale=z_loss_scale, chunk_rows=chunk_rows,
-            scale=scale, stride_s=0, lse=lse, loss=loss,
+            hidden.to(mm_dtype), weight.to(mm_dtype), targets, ignore_index=ignore_index,
+            z_loss_scale=z_loss_scale, chunk_rows=chunk_rows, scale=scale, stride_s=0, lse=lse, loss=loss,
             need_gh=need_gh and eager_grads, need_gw=need_gw and eager_grads, has_lse=False,
         )  # fmt: skip
         ctx.reduction = reduction
         ctx.need = (need_gh, need_gw)
+        ctx.dtypes = (hidden.dtype, weight.dtype, mm_dtype)
         if reduction == "none":
+            # The inputs as given (the matmul-dtype copies are remade in backward, not kept alive).
             ctx.save_for_backward(hidden, weight, targets, lse)
             ctx.options = (ignore_index, z_loss_scale, chunk_rows)
             return loss
@@ -202,22 +234,31 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        with autocast_off(grad_loss):
+            return LinearCrossEntropyFunction._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
         need_gh, need_gw = ctx.need
+        h_dtype, w_dtype, mm_dtype = ctx.dtypes
+        none = (None,) * 8
         if ctx.reduction != "none":
             gh, gw = ctx.saved_tensors
             # The stored gradients are d(loss)/d(.) for grad_output 1: scale by the scalar.
-            gh = gh * grad_loss.to(gh.dtype) if need_gh else None
+            gh = (gh * grad_loss.to(gh.dtype)).to(h_dtype) if need_gh else None
             gw = gw * grad_loss.to(gw.dtype) if need_gw else None
-            return gh, gw, None, None, None, None, None, None, None
+            return gh, gw, *none
         hidden, weight, targets, lse = ctx.saved_tensors
         ignore_index, z_loss_scale, chunk_rows = ctx.options
         scale = grad_loss.to(torch.float32).contiguous()  # [N]: one scale per row
         gh, gw32 = _run_chunks(
-            hidden, weight, targets, ignore_index=ignore_index, z_loss_scale=z_loss_scale, chunk_rows=chunk_rows,
-            scale=scale, stride_s=1, lse=lse, loss=lse, need_gh=need_gh, need_gw=need_gw, has_lse=True,
+            hidden.to(mm_dtype), weight.to(mm_dtype), targets, ignore_index=ignore_index,
+            z_loss_scale=z_loss_scale, chunk_rows=chunk_rows, scale=scale, stride_s=1, lse=lse, loss=lse,
+            need_gh=need_gh, need_gw=need_gw, has_lse=True,
         )  # fmt: skip
-        gw = gw32.to(weight.dtype) if gw32 is not None else None
-        return gh, gw, None, None, None, None, None, None, None
+        gh = gh.to(h_dtype) if gh is not None else None
+        gw = gw32.to(w_dtype) if gw32 is not None else None
+        return gh, gw, *none
 
 
 def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str) -> None:
@@ -275,9 +316,13 @@ def linear_cross_entropy(
         return linear_cross_entropy_ref(
             hidden, weight, targets, ignore_index=ignore_index, reduction=reduction, z_loss_scale=z_loss_scale
         )
-    if hidden.dtype != weight.dtype or targets.is_floating_point():
+    # Under autocast the logits GEMMs run in autocast's dtype, like the nn.Linear they replace;
+    # otherwise hidden and weight must agree.
+    mm_dtype = matmul_dtype(hidden)
+    if (mm_dtype == hidden.dtype and hidden.dtype != weight.dtype) or targets.is_floating_point():
         raise ValueError(
-            f"expected hidden and weight of one dtype and integer targets, got {hidden.dtype}, {weight.dtype}, {targets.dtype}"
+            f"expected hidden and weight of one dtype (or autocast on) and integer targets, got {hidden.dtype}, "
+            f"{weight.dtype}, {targets.dtype}"
         )
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
@@ -288,9 +333,9 @@ def linear_cross_entropy(
             raise ValueError(
                 f"targets must lie in [0, {v}) or equal ignore_index={ignore_index}, got {targets[bad][0].item()}"
             )
-    rows = chunk_size or _chunk_rows(n, v, hidden.element_size(), chunk_bytes)
+    rows = chunk_size or _chunk_rows(n, v, mm_dtype.itemsize, chunk_bytes)
     grad = torch.is_grad_enabled()
     return LinearCrossEntropyFunction.apply(
         hidden.contiguous(), weight.contiguous(), targets.contiguous(), ignore_index, reduction, float(z_loss_scale),
-        max(1, min(rows, max(n, 1))), grad and hidden.requires_grad, grad and weight.requires_grad,
+        max(1, min(rows, max(n, 1))), grad and hidden.requires_grad, grad and weight.requires_grad, mm_dtype,
     )  # fmt: skip

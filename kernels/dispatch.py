@@ -40,3 +40,21 @@ def use_triton(backend: str, *tensors: torch.Tensor | None) -> bool:
             raise RuntimeError("backend='triton' requested but triton is not installed: pip install triton")
         return True
     return triton_available() and all(t.is_cuda for t in tensors if t is not None)
+
+
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on x runs in: autocast's when autocast is on for x's device, else x's.
+
+    Custom autograd Functions that run their own GEMMs cast to this at entry and then run with
+    autocast off: on CUDA the backward runs on autograd's device thread, where autocast is always
+    off, so a Function relying on the ambient autocast would run its backward GEMMs in fp32.
+    """
+    dev = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def autocast_off(t: torch.Tensor):
+    """A context with autocast disabled on t's device type (for the bodies of custom Functions)."""
+    return torch.autocast(device_type=t.device.type, enabled=False)

@@ -135,3 +135,34 @@ def test_rejects_out_of_range_targets_and_bad_reduction():
         linear_cross_entropy(hidden, weight, targets, backend="triton")
     with pytest.raises(ValueError, match="unknown reduction"):
         linear_cross_entropy(hidden, weight, targets.clamp(max=9), reduction="avg", backend="triton")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_under_autocast_fp32_inputs_run_low_precision_gemms_and_return_fp32_grads(reduction):
+    """The trainer's CUDA step: fp32 hidden states and master weight under autocast(bf16). The GEMMs
+    must run in bf16 (like the nn.Linear the loss replaces), forward and backward, whether or not the
+    backward sees autocast (on CUDA it never does), and the gradients come back in fp32."""
+    from tests.gemm_dtypes import GemmDtypes
+
+    hidden, weight, targets = _inputs(42, 24, 300)
+    grad_out = torch.rand(42) + 0.5 if reduction == "none" else torch.tensor(1.7)
+    want = _run(_lce64, hidden, weight, targets, grad_out, torch.float64, reduction=reduction)
+    runs = []
+    for backward_in_autocast in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        gemms = GemmDtypes()
+        with gemms, torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = linear_cross_entropy(h, w, targets, reduction=reduction, chunk_size=16, backend="triton")
+        with gemms, torch.autocast("cpu", dtype=torch.bfloat16, enabled=backward_in_autocast):
+            gh, gw = torch.autograd.grad((loss.double() * grad_out.double()).sum(), (h, w))
+        assert loss.dtype == gh.dtype == gw.dtype == torch.float32
+        assert gemms.records and not gemms.in_dtype(torch.float32), gemms.in_dtype(torch.float32)[:3]
+        runs.append((loss, gh, gw))
+    for a, b in zip(*runs):  # the ambient autocast state in backward changes nothing
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # PyTorch's own error at the same precision
+        base = _run(
+            linear_cross_entropy_ref, hidden, weight, targets, grad_out, torch.float32, reduction=reduction
+        )
+    for got, exp, ref, name in zip(runs[0], want, base, ("loss", "grad_hidden", "grad_weight")):
+        assert_close_to_ref(got, exp, ref, name=name, atol_ulps=64)

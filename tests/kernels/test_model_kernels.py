@@ -47,3 +47,61 @@ def test_tiny_model_trains_identically_with_kernels_on_and_off():
     off = _train("torch", "torch")
     assert on[-1] < on[0] - 0.5  # it memorises the two batches
     torch.testing.assert_close(torch.tensor(on), torch.tensor(off), rtol=1e-4, atol=1e-5)
+
+
+# --- GPU mixed precision, emulated on CPU -----------------------------------------------------------
+# The trainer runs CUDA steps under torch.autocast(bf16) with fp32 master weights and an fp32
+# residual stream, so every kernel meets mixed dtypes there (fp32 hidden states into the fused loss,
+# bf16 q/k/v into RoPE and attention). CPU autocast reproduces those dtypes: the kernels run in the
+# interpreter on what they would get on the GPU. bf16 runs attention on the reference (the
+# interpreter's bf16 tl.dot is broken); fp16 runs every kernel.
+
+
+def _mixed_precision_step(kernels: str, attention: str, amp: torch.dtype | None):
+    from tests.gemm_dtypes import GemmDtypes
+
+    kc = model_lib.KernelConfig(
+        rmsnorm=kernels, rope=kernels, swiglu=kernels, attention=attention, cross_entropy=kernels
+    )
+    args = dataclasses.replace(
+        model_lib.get_model_args("tiny"),
+        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, multiple_of=32,
+        ffn_dim_multiplier=None, max_seq_len=SEQ, kernels=kc,
+    )  # fmt: skip
+    model = model_lib.Transformer(args)
+    model.init_weights(seed=0)
+    data = torch.Generator().manual_seed(99)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=data)
+    targets = tokens[:, 1:].clone()
+    targets[1, 3] = -100
+    cu_seqlens = torch.tensor([0, 10, 21, 32, 49, 64], dtype=torch.int32)
+    gemms = GemmDtypes()
+    with gemms:
+        with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+            loss = model(tokens[:, :-1], targets=targets, cu_seqlens=cu_seqlens, max_seqlen=17)
+        loss.backward()  # outside autocast, as on CUDA (where backward never sees autocast)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    return loss.detach(), grads, gemms
+
+
+@pytest.mark.parametrize(
+    "amp,attention", [(torch.bfloat16, "torch"), (torch.float16, "triton")], ids=["bf16", "fp16"]
+)
+def test_kernels_under_autocast_match_the_reference_and_keep_gemms_low_precision(amp, attention):
+    ref_loss, ref_grads, _ = _mixed_precision_step("torch", "torch", None)  # fp32 truth
+    t_loss, t_grads, _ = _mixed_precision_step("torch", "torch", amp)  # PyTorch's own autocast error
+    k_loss, k_grads, gemms = _mixed_precision_step("triton", attention, amp)
+
+    for name, g in k_grads.items():
+        assert g is not None and g.dtype == torch.float32, f"{name}: grad {None if g is None else g.dtype}"
+    assert k_loss.dtype == torch.float32 and torch.isfinite(k_loss)
+    # Every GEMM of forward and backward ran in the autocast dtype (none slipped to fp32).
+    assert gemms.records and not gemms.in_dtype(torch.float32), gemms.in_dtype(torch.float32)[:5]
+
+    def err(grads):
+        num = sum((grads[n].float() - ref_grads[n]).norm() ** 2 for n in ref_grads) ** 0.5
+        return float(num / sum(g.norm() ** 2 for g in ref_grads.values()) ** 0.5)
+
+    tol = 1e-2 if amp == torch.bfloat16 else 2e-3  # ~ the dtype's epsilon: floor for tiny errors
+    assert abs(float(k_loss - ref_loss)) <= 2 * abs(float(t_loss - ref_loss)) + tol * float(ref_loss) / 10
+    assert err(k_grads) <= 2 * err(t_grads) + tol / 10, (err(k_grads), err(t_grads))
