@@ -96,6 +96,11 @@ class Fp8Gemms:
 
     cfg: Fp8Config
 
+    @staticmethod
+    def weight_operand(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The master weight itself: each GEMM quantizes it from full precision."""
+        return w
+
     def _mm(self, a, a_dtype, a_ub, b, b_dtype, b_ub, out_dtype) -> torch.Tensor:
         with torch.autocast(device_type=a.device.type, enabled=False):
             aq, sa = quantize_rows(a, a_dtype, a_ub, self.cfg)

@@ -33,11 +33,12 @@ from torch import nn
 import llama3hp.kernels as K
 from llama3hp.kernels.cross_entropy import (
     DEFAULT_CHUNK_BYTES,
+    _accumulate_grad_weight,
     _chunk_rows,
     _cross_entropy_fwd_kernel,
     _launch_config,
 )
-from llama3hp.kernels.dispatch import use_triton
+from llama3hp.kernels.dispatch import autocast_off, matmul_dtype, use_triton
 from llama3hp.parallel.comm import (
     all_gather_dim,
     all_gather_single,
@@ -113,11 +114,18 @@ class AllGatherMatmul(torch.autograd.Function):
     during the next chunk's GEMMs; dW_k = dy_k.T @ all_gather(x) (the gathered x is kept).
     `gemms[k]` runs W_k's three GEMMs (`PlainGemms`, or `llama3hp.fp8.Fp8Gemms` for an FP8 linear).
 
-    x: [B, S, D] sequence shard; weights W_k: [O_k, D]. Returns y_k: [B, tp*S, O_k].
+    x: [B, S, D] sequence shard, already in the GEMM dtype (`TPComm.column` casts it, so the gather
+    moves bf16 under autocast); weights W_k: [O_k, D] (master weights). Returns y_k: [B, tp*S, O_k]
+    in out_dtype. Forward and backward run with autocast off: every dtype is explicit.
     """
 
     @staticmethod
     def forward(ctx, x, group, n_chunks, gemms, out_dtype, *weights):
+        with autocast_off(x):
+            return AllGatherMatmul._forward(ctx, x, group, n_chunks, gemms, out_dtype, *weights)
+
+    @staticmethod
+    def _forward(ctx, x, group, n_chunks, gemms, out_dtype, *weights):
         tp = group_size(group)
         B, S, D = x.shape
         s = S // n_chunks
@@ -126,7 +134,8 @@ class AllGatherMatmul(torch.autograd.Function):
         bufs = [x.new_empty(tp * B, s, D) for _ in range(n_chunks)]
         start = lambda c: all_gather_single(bufs[c], pieces[c], group=group, async_op=True)
         x_full = x.new_empty(B, tp, n_chunks, s, D)
-        outs = [x.new_empty(B, tp, n_chunks, s, w.shape[0]) for w in weights]
+        outs = [x.new_empty(B, tp, n_chunks, s, w.shape[0], dtype=out_dtype) for w in weights]
+        operands = [mm.weight_operand(w, out_dtype) for w, mm in zip(weights, gemms)]
         work = start(0)
         for c in range(n_chunks):
             nxt = start(c + 1) if c + 1 < n_chunks else None
@@ -135,18 +144,24 @@ class AllGatherMatmul(torch.autograd.Function):
             x_full[:, :, c] = g.permute(1, 0, 2, 3)  # [B, tp, s, D]
             # The GEMMs take the gathered rows in the buffer's (tp, B, s) order, contiguous as they
             # landed; every op here is row-local, so only the outputs are permuted into place.
-            for w, o, mm in zip(weights, outs, gemms):
+            for w, o, mm in zip(operands, outs, gemms):
                 o[:, :, c] = (
                     mm.fprop(bufs[c].view(-1, D), w, out_dtype).view(tp, B, s, -1).permute(1, 0, 2, 3)
                 )
             work = nxt
-        ctx.group, ctx.n_chunks, ctx.gemms = group, n_chunks, gemms
+        ctx.group, ctx.n_chunks, ctx.gemms, ctx.out_dtype = group, n_chunks, gemms, out_dtype
         ctx.save_for_backward(x_full.view(B, tp * S, D), *weights)
         return tuple(o.view(B, tp * S, -1) for o in outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        x_full, *weights = ctx.saved_tensors
+        with autocast_off(ctx.saved_tensors[0]):
+            return AllGatherMatmul._backward(ctx, *grads)
+
+    @staticmethod
+    def _backward(ctx, *grads):
+        x_full, *masters = ctx.saved_tensors
+        weights = [mm.weight_operand(w, ctx.out_dtype) for w, mm in zip(masters, ctx.gemms)]
         group, n = ctx.group, ctx.n_chunks
         tp = group_size(group)
         B, T, D = x_full.shape
@@ -167,7 +182,7 @@ class AllGatherMatmul(torch.autograd.Function):
         x2 = x_full.reshape(-1, D)
         dws = [
             None if g is None else mm.wgrad(g.reshape(-1, g.shape[-1]), x2, w.dtype)
-            for g, w, mm in zip(grads, weights, ctx.gemms)
+            for g, w, mm in zip(grads, masters, ctx.gemms)
         ]
         for w in works:
             w.wait()
@@ -178,31 +193,43 @@ class MatmulReduceScatter(torch.autograd.Function):
     """Forward: y = reduce_scatter(x @ W.T) with chunk c's reduce-scatter in flight during chunk c+1's
     GEMM. Backward: all-gather dy chunk by chunk, dx = dy @ W per chunk as it lands, dW = dy.T @ x.
 
-    x: [B, T, F_l] (full sequence, local input features); W: [D, F_l]. Returns [B, T/tp, D].
-    `gemms` runs W's three GEMMs (see AllGatherMatmul).
+    x: [B, T, F_l] (full sequence, local input features, in the GEMM dtype); W: [D, F_l] (master).
+    Returns [B, T/tp, D] in out_dtype. `gemms` runs W's three GEMMs (see AllGatherMatmul).
     """
 
     @staticmethod
     def forward(ctx, x, group, n_chunks, gemms, out_dtype, weight):
+        with autocast_off(x):
+            return MatmulReduceScatter._forward(ctx, x, group, n_chunks, gemms, out_dtype, weight)
+
+    @staticmethod
+    def _forward(ctx, x, group, n_chunks, gemms, out_dtype, weight):
         tp = group_size(group)
         B, T, Fl = x.shape
         s = T // tp // n_chunks
         xv = x.view(B, tp, n_chunks, s, Fl)
+        w = gemms.weight_operand(weight, out_dtype)
         recvs, works = [], []
         for c in range(n_chunks):
-            yc = gemms.fprop(xv[:, :, c].reshape(-1, Fl), weight, out_dtype).view(B, tp, s, -1)
+            yc = gemms.fprop(xv[:, :, c].reshape(-1, Fl), w, out_dtype).view(B, tp, s, -1)
             yc = yc.permute(1, 0, 2, 3).reshape(tp * B, s, -1)  # [tp*B, s, D]
-            recvs.append(x.new_empty(B, s, weight.shape[0]))
+            recvs.append(x.new_empty(B, s, weight.shape[0], dtype=out_dtype))
             works.append(reduce_scatter_single(recvs[c], yc, group=group, async_op=True))
         for w in works:
             w.wait()
-        ctx.group, ctx.n_chunks, ctx.gemms = group, n_chunks, gemms
+        ctx.group, ctx.n_chunks, ctx.gemms, ctx.out_dtype = group, n_chunks, gemms, out_dtype
         ctx.save_for_backward(x, weight)
         return torch.cat(recvs, dim=1)
 
     @staticmethod
     def backward(ctx, g):
+        with autocast_off(g):
+            return MatmulReduceScatter._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
         x, weight = ctx.saved_tensors
+        w = ctx.gemms.weight_operand(weight, ctx.out_dtype)
         group, n = ctx.group, ctx.n_chunks
         tp = group_size(group)
         B, T, Fl = x.shape
@@ -220,7 +247,7 @@ class MatmulReduceScatter(torch.autograd.Function):
             work.wait()
             gg = bufs[c].view(tp, B, s, D).permute(1, 0, 2, 3)
             g_full[:, :, c] = gg
-            dx[:, :, c] = ctx.gemms.dgrad(gg.reshape(-1, D), weight, x.dtype).view(B, tp, s, Fl)
+            dx[:, :, c] = ctx.gemms.dgrad(gg.reshape(-1, D), w, x.dtype).view(B, tp, s, Fl)
             work = nxt
         dw = ctx.gemms.wgrad(g_full.reshape(-1, D), x.reshape(-1, Fl), weight.dtype)
         return dx.view(B, T, Fl), None, None, None, None, dw
@@ -275,11 +302,34 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
     same math in torch.
 
     h: [N, D] full rows (replicated over TP); weight: [V_l, D] rows [vocab_start, vocab_start + V_l);
-    targets: [N]. Returns the fp32 per-row loss [N] (0 on ignored rows), z-loss included.
+    targets: [N]; mm_dtype: the GEMMs' dtype (autocast's under autocast: the weight is cast to it in
+    forward and again in backward, which run with autocast off). Returns the fp32 per-row loss [N]
+    (0 on ignored rows), z-loss included.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, vocab_start, group, ignore_index, z_loss_scale, chunk_rows, fused):
+    def forward(
+        ctx, h, weight, targets, vocab_start, group, ignore_index, z_loss_scale, chunk_rows, fused, mm_dtype
+    ):
+        with autocast_off(h):
+            return VocabParallelLinearCrossEntropy._forward(
+                ctx,
+                h,
+                weight,
+                targets,
+                vocab_start,
+                group,
+                ignore_index,
+                z_loss_scale,
+                chunk_rows,
+                fused,
+                mm_dtype,
+            )
+
+    @staticmethod
+    def _forward(ctx, h_in, weight_in, targets, vocab_start, group, ignore_index, z_loss_scale, chunk_rows, fused,
+                 mm_dtype):  # fmt: skip
+        h, weight = h_in.to(mm_dtype), weight_in.to(mm_dtype)
         N, Vl = h.shape[0], weight.shape[0]
         lse_l = torch.empty(N, dtype=torch.float32, device=h.device)
         t_logit = torch.zeros(N, dtype=torch.float32, device=h.device)
@@ -303,14 +353,20 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
         loss = torch.where(valid, lse - t_logit + z_loss_scale * lse * lse, 0.0)
         # Off-shard (and ignored) targets point past the shard: no column matches them.
         grad_t = torch.where(valid, torch.where(on_shard, local_t, Vl), ignore_index)
-        ctx.save_for_backward(h, weight, grad_t, lse)
-        ctx.opts = (ignore_index, z_loss_scale, chunk_rows, fused)
+        ctx.save_for_backward(h_in, weight_in, grad_t, lse)
+        ctx.opts = (ignore_index, z_loss_scale, chunk_rows, fused, mm_dtype)
         return loss
 
     @staticmethod
     def backward(ctx, g):
-        h, weight, grad_t, lse = ctx.saved_tensors
-        ignore_index, z, chunk_rows, fused = ctx.opts
+        with autocast_off(g):
+            return VocabParallelLinearCrossEntropy._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
+        h_in, weight_in, grad_t, lse = ctx.saved_tensors
+        ignore_index, z, chunk_rows, fused, mm_dtype = ctx.opts
+        h, weight = h_in.to(mm_dtype), weight_in.to(mm_dtype)
         N = h.shape[0]
         scale = g.float().contiguous()
         dh = torch.empty_like(h)
@@ -320,8 +376,8 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
             logits = h[s:e] @ weight.T
             d = _shard_dlogits(logits, grad_t[s:e], lse[s:e], scale[s:e], ignore_index, z, fused)
             torch.mm(d, weight, out=dh[s:e])
-            dw.addmm_(d.T.float(), h[s:e].float())
-        return dh, dw.to(weight.dtype), None, None, None, None, None, None, None
+            _accumulate_grad_weight(dw, d, h[s:e])
+        return dh.to(h_in.dtype), dw.to(weight_in.dtype), *(None,) * 9
 
 
 def _shard_lse(logits: torch.Tensor, fused: bool) -> torch.Tensor:
@@ -368,19 +424,24 @@ Linear = nn.Module | torch.Tensor
 
 
 class PlainGemms:
-    """The three GEMMs of y = x W^T in the autocast / input dtype (out_dtype is autocast's business)."""
+    """The three GEMMs of y = x W^T in the dtype of their activation operand (the autocast dtype:
+    the callers cast activations at entry and the weight once through `weight_operand`)."""
+
+    @staticmethod
+    def weight_operand(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return w.to(dtype)
 
     @staticmethod
     def fprop(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        return x @ w.T
+        return (x @ w.to(x.dtype).T).to(out_dtype)
 
     @staticmethod
     def dgrad(dy: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        return dy @ w
+        return (dy @ w.to(dy.dtype)).to(out_dtype)
 
     @staticmethod
     def wgrad(dy: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        return dy.T @ x
+        return (dy.T @ x.to(dy.dtype)).to(out_dtype)
 
 
 def gemms_for(linear: Linear):
@@ -405,12 +466,6 @@ def _weight(linear: Linear) -> torch.Tensor:
 
 def _call(linear: Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, linear) if isinstance(linear, torch.Tensor) else linear(x)
-
-
-def _out_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a linear on x gives: autocast's when it is on, else x's."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 @dataclass
@@ -441,7 +496,8 @@ class TPComm:
         if self.overlap:
             gemms = tuple(gemms_for(lin) for lin in linears)
             weights = [_weight(lin) for lin in linears]
-            return list(AllGatherMatmul.apply(x, self.group, self.chunks, gemms, _out_dtype(x), *weights))
+            dt = matmul_dtype(x)
+            return list(AllGatherMatmul.apply(x.to(dt), self.group, self.chunks, gemms, dt, *weights))
         x = GatherFromSP.apply(x, self.group)
         return [_call(lin, x) for lin in linears]
 
@@ -460,7 +516,8 @@ class TPComm:
             return _call(linear, x)
         if self.sequence_parallel and self.overlap:
             w = _weight(linear)
-            return MatmulReduceScatter.apply(x, self.group, self.chunks, gemms_for(linear), _out_dtype(x), w)
+            dt = matmul_dtype(x)
+            return MatmulReduceScatter.apply(x.to(dt), self.group, self.chunks, gemms_for(linear), dt, w)
         return self.reduce_partial(_call(linear, x))
 
     def reduce_partial(self, y: torch.Tensor) -> torch.Tensor:
@@ -592,12 +649,13 @@ def compute_loss(
             reduction="sum", z_loss_scale=z_loss_scale, backend=backend,
         )  # fmt: skip
     if tp.chunked_loss:
-        x = tp.gather(h)
+        dt = matmul_dtype(h)
+        x = tp.gather(h.to(dt))  # under autocast the gather moves the GEMM's bf16 rows
         x = x.reshape(-1, x.shape[-1]).contiguous()
-        rows = _chunk_rows(x.shape[0], w.shape[0], x.element_size(), DEFAULT_CHUNK_BYTES)
+        rows = _chunk_rows(x.shape[0], w.shape[0], dt.itemsize, DEFAULT_CHUNK_BYTES)
         loss = VocabParallelLinearCrossEntropy.apply(
             x, w, targets.reshape(-1), tp.rank * w.shape[0], tp.group, ignore_index, float(z_loss_scale),
-            rows, use_triton(backend, x, w),
+            rows, use_triton(backend, x, w), dt,
         )  # fmt: skip
         return loss.sum()
     (logits,) = tp.column(h, [w])

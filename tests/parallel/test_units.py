@@ -214,7 +214,7 @@ def test_chunked_vocab_parallel_loss_matches_reference(fused):
     g = torch.rand(N)
     ref = linear_cross_entropy_ref(h, w, t, reduction="none", z_loss_scale=1e-2)
     want = torch.autograd.grad((ref * g).sum(), (h, w))
-    out = VocabParallelLinearCrossEntropy.apply(h, w, t, 0, None, -100, 1e-2, 5, fused)
+    out = VocabParallelLinearCrossEntropy.apply(h, w, t, 0, None, -100, 1e-2, 5, fused, h.dtype)
     torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-6)
     for got, exp in zip(torch.autograd.grad((out * g).sum(), (h, w)), want):
         torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
