@@ -11,6 +11,7 @@ of them differ from the whole-then-shard ones.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pickle
@@ -67,8 +68,21 @@ def convert_fp8(model: Transformer, recipe: str | None, tp_size: int = 1) -> Tra
     return model
 
 
+def autocast(amp: torch.dtype | None):
+    """CPU autocast to `amp` (the GPU trainer's mixed precision), or nothing for None."""
+    return torch.autocast("cpu", dtype=amp) if amp is not None else contextlib.nullcontext()
+
+
 def reference_run(
-    args: ModelArgs, steps: int, dp: int, micro: int, rows: int, T: int, lr: float, fp8: str | None = None
+    args: ModelArgs,
+    steps: int,
+    dp: int,
+    micro: int,
+    rows: int,
+    T: int,
+    lr: float,
+    fp8: str | None = None,
+    amp: torch.dtype | None = None,
 ):
     model = Transformer(args)
     model.init_weights(seed=0)
@@ -86,9 +100,14 @@ def reference_run(
         n = sum((b.targets != -100).sum() for b in batches).float()
         total = 0.0
         for b in batches:
-            loss = model(
-                b.inputs, targets=b.targets, cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen, reduction="sum"
-            )
+            with autocast(amp):
+                loss = model(
+                    b.inputs,
+                    targets=b.targets,
+                    cu_seqlens=b.cu_seqlens,
+                    max_seqlen=b.max_seqlen,
+                    reduction="sum",
+                )
             (loss / n).backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -134,6 +153,8 @@ def parallel_run(
     lr: float,
     materialize: bool,
     fp8: str | None = None,
+    amp: torch.dtype | None = None,
+    gemms=None,
 ):
     mesh = build_mesh(cfg)
     if mesh is None:
@@ -149,7 +170,8 @@ def parallel_run(
     losses = []
     for step in range(steps):
         batches = make_batches(step, mesh.dims.dp, micro, rows, T, args.vocab_size)[mesh.dp_rank]
-        loss = pm.forward_backward(batches)
+        with gemms or contextlib.nullcontext(), autocast(amp):  # as the trainer's mesh step
+            loss = pm.forward_backward(batches)
         pm.clip_grad_norm_(1.0)
         opt.step()
         pm.after_optimizer_step()
@@ -162,7 +184,11 @@ def compare_case(case: dict) -> dict | None:
     """Train under case["cfg"] and on one process; the largest differences (None off-layout).
 
     With case["fp8"] (a recipe) both runs convert the block linears to FP8 first, and the result also
-    holds `fp8_effect`, how far the one-process FP8 run's losses are from the plain one's."""
+    holds `fp8_effect`, how far the one-process FP8 run's losses are from the plain one's.
+    With case["amp"] (a dtype) both runs go under CPU autocast, and the result lists the GEMMs of the
+    parallel run that had an fp32 operand (`fp32_gemms`)."""
+    from tests.gemm_dtypes import GemmDtypes
+
     args = small_args(**case.get("model", {}))
     cfg = ParallelConfig(**case["cfg"])
     steps, micro, rows, T, lr = (
@@ -172,12 +198,13 @@ def compare_case(case: dict) -> dict | None:
         case.get("T", 16),
         1e-3,
     )
-    fp8 = case.get("fp8")
-    got = parallel_run(args, cfg, steps, micro, rows, T, lr, case.get("materialize", False), fp8)
+    fp8, amp = case.get("fp8"), case.get("amp")
+    gemms = GemmDtypes() if amp is not None else None
+    got = parallel_run(args, cfg, steps, micro, rows, T, lr, case.get("materialize", False), fp8, amp, gemms)
     if got is None:
         return None
     dp = cfg.dp
-    ref_losses, ref_params = reference_run(args, steps, dp, micro, rows, T, lr, fp8)
+    ref_losses, ref_params = reference_run(args, steps, dp, micro, rows, T, lr, fp8, amp)
     losses, params, init_mismatch, n_fp8 = got
     fp8_effect = None
     if fp8 is not None:
@@ -193,6 +220,8 @@ def compare_case(case: dict) -> dict | None:
         "param_scale": max(ref_params[k].abs().max().item() for k in ref_params),
         "missing": sorted(set(ref_params) - set(params)),
         "init_mismatch": init_mismatch,
+        "fp32_gemms": gemms.in_dtype(torch.float32) if gemms is not None else [],
+        "n_gemms": len(gemms.records) if gemms is not None else 0,
     }
 
 
@@ -265,7 +294,9 @@ def spawn_cases(world: int, cases: list[dict], timeout_s: float = TIMEOUT_S) -> 
 
 def case(name: str, **cfg) -> dict:
     extra = {
-        k: cfg.pop(k) for k in ("model", "steps", "micro", "rows", "T", "materialize", "fp8") if k in cfg
+        k: cfg.pop(k)
+        for k in ("model", "steps", "micro", "rows", "T", "materialize", "fp8", "amp")
+        if k in cfg
     }
     return {"name": name, "cfg": cfg, **extra}
 
