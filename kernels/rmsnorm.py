@@ -1,8 +1,11 @@
 """RMSNorm: y = x / sqrt(mean(x^2) + eps) * weight, statistics in fp32.
 
 Math convention (shared by every implementation): upcast x to fp32, normalise, multiply by the
-fp32 weight, cast once to x's dtype. The fused residual variant first forms h = x + residual
-(rounded to x's dtype, the value handed to the next residual) and normalises that rounded h.
+fp32 weight, cast once to the output dtype (x's, or `out_dtype`: under autocast the model asks for
+autocast's dtype, which is what the next linear would cast to anyway, so the fp32 copy and the
+per-linear casts never exist). The fused residual variant first forms h = x + residual in the
+promoted dtype of the two (torch's `x + residual`: an fp32 residual stream plus a bf16 branch output
+stays fp32), the value handed to the next residual, and normalises that rounded h.
 
 Triton path: a row lives whole in registers (widths up to 65,536): one row per program for wide
 rows, several rows per program for narrow ones. Backward runs a persistent grid (a few programs
@@ -69,14 +72,17 @@ def _rms_norm_bwd_kernel(
     DH,  # [M, N] gradient arriving at h (read only when HAS_DH)
     RSTD,  # [M] fp32
     DX,  # [M, N]
+    DX2,  # [M, N] the same gradient in a second dtype (written only when HAS_DX2)
     DW_PARTIAL,  # [programs, N] fp32
     stride_x,
     stride_dy,
     stride_dh,
     stride_dx,
+    stride_dx2,
     M,
     N,
     HAS_DH: tl.constexpr,
+    HAS_DX2: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -108,6 +114,8 @@ def _rms_norm_bwd_kernel(
         if HAS_DH:
             dx += tl.load(DH + rows2 * stride_dh + cols2, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows2 * stride_dx + cols2, dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_DX2:  # a mixed-dtype residual add: each input gets dL/dh in its own dtype
+            tl.store(DX2 + rows2 * stride_dx2 + cols2, dx.to(DX2.dtype.element_ty), mask=mask)
     tl.store(DW_PARTIAL + pid * N + cols, tl.sum(dw, axis=0), mask=col_mask)
 
 
@@ -142,20 +150,22 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
 class RMSNormFunction(torch.autograd.Function):
     """RMSNorm (optionally fused with a residual add): forward and backward in Triton.
 
-    forward(x [..., D], residual [..., D] | None, weight [D], eps) -> y, or (y, h) with a residual.
+    forward(x [..., D], residual [..., D] | None, weight [D], eps, out_dtype) -> y, or (y, h) with a
+    residual; y in out_dtype, h in the promoted dtype of x and residual.
     """
 
     @staticmethod
-    def forward(ctx, x, residual, weight, eps):
+    def forward(ctx, x, residual, weight, eps, out_dtype):
         shape, n = x.shape, x.shape[-1]
         x2 = _as_rows(x)
         m = x2.shape[0]
         block_m, block_n, num_warps = _launch_config(m, n)
-        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        y = torch.empty((m, n), dtype=out_dtype, device=x.device)
         rstd = torch.empty(m, dtype=torch.float32, device=x.device)
         has_res = residual is not None
         r2 = _as_rows(residual) if has_res else x2
-        h = torch.empty_like(y) if has_res else y
+        h_dtype = torch.promote_types(x.dtype, residual.dtype) if has_res else x.dtype
+        h = torch.empty((m, n), dtype=h_dtype, device=x.device) if has_res else y
         if m:
             _rms_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
                 x2, r2, weight, y, h, rstd,
@@ -165,6 +175,7 @@ class RMSNormFunction(torch.autograd.Function):
             )  # fmt: skip
         ctx.save_for_backward(h if has_res else x2, weight, rstd)
         ctx.has_res, ctx.shape = has_res, shape
+        ctx.in_dtypes = (x.dtype, residual.dtype if has_res else None)
         ctx.set_materialize_grads(False)
         if has_res:
             return y.view(shape), h.view(shape)
@@ -174,26 +185,28 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, dy, dh=None):
         x2, weight, rstd = ctx.saved_tensors
         m, n = x2.shape
+        x_dtype, r_dtype = ctx.in_dtypes
         if dy is None:  # only h was used downstream: y's branch contributes nothing
-            dx = dh.reshape(m, n).to(x2.dtype)
-            return dx.view(ctx.shape), dx.view(ctx.shape), torch.zeros_like(weight), None
+            dx = dh.reshape(m, n).view(ctx.shape)
+            return dx.to(x_dtype), dx.to(r_dtype), torch.zeros_like(weight), None, None
         dy2 = _as_rows(dy)
         dh2 = _as_rows(dh) if dh is not None else dy2
-        dx = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+        # x and residual enter only through h = x + residual: both receive dL/dh, each in its dtype.
+        dx = torch.empty((m, n), dtype=x_dtype, device=x2.device)
+        two = ctx.has_res and r_dtype != x_dtype
+        dr = torch.empty((m, n), dtype=r_dtype, device=x2.device) if two else dx
         block_m, block_n, num_warps = _launch_config(m, n)
         programs = _bwd_programs(x2, triton.cdiv(m, block_m))
         dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x2.device)
         if m:
             _rms_norm_bwd_kernel[(programs,)](
-                x2, weight, dy2, dh2, rstd, dx, dw_partial,
-                x2.stride(0), dy2.stride(0), dh2.stride(0), dx.stride(0),
+                x2, weight, dy2, dh2, rstd, dx, dr, dw_partial,
+                x2.stride(0), dy2.stride(0), dh2.stride(0), dx.stride(0), dr.stride(0),
                 m, n,
-                HAS_DH=dh is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+                HAS_DH=dh is not None, HAS_DX2=two, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
             )  # fmt: skip
         dw = dw_partial.sum(0).to(weight.dtype) if m else torch.zeros_like(weight)
-        dx = dx.view(ctx.shape)
-        # x and residual enter only through h = x + residual: both receive dL/dh.
-        return dx, (dx if ctx.has_res else None), dw, None
+        return dx.view(ctx.shape), (dr.view(ctx.shape) if ctx.has_res else None), dw, None, None
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> None:
@@ -201,11 +214,11 @@ def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None 
         raise ValueError(
             f"expected x [..., D] and weight [D], got {tuple(x.shape)} and {tuple(weight.shape)}"
         )
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(
-            f"residual must match x in shape and dtype, got {tuple(residual.shape)} {residual.dtype} "
-            f"and {tuple(x.shape)} {x.dtype}"
-        )
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual must match x in shape, got {tuple(residual.shape)} and {tuple(x.shape)}")
+    for t in (x, weight, residual):
+        if t is not None and not t.is_floating_point():
+            raise ValueError(f"RMSNorm takes floating-point tensors, got {t.dtype}")
 
 
 def _check_width(n: int) -> None:
@@ -215,46 +228,65 @@ def _check_width(n: int) -> None:
         )
 
 
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Plain-PyTorch RMSNorm. x: [..., D]; weight: [D]. Returns x's shape and dtype."""
+def rms_norm_ref(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Plain-PyTorch RMSNorm. x: [..., D]; weight: [D]. Returns x's shape in out_dtype (default x's)."""
     x32 = x.float()
     y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
+    return (y * weight.float()).to(out_dtype or x.dtype)
 
 
 def rms_norm_residual_ref(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-5,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch fused residual RMSNorm. x, residual: [..., D]; weight: [D].
 
-    Returns (rms_norm(h), h) with h = x + residual in x's dtype.
+    Returns (rms_norm(h) in out_dtype (default h's), h) with h = x + residual (torch's promotion).
     """
     h = x + residual
-    return rms_norm_ref(h, weight, eps), h
+    return rms_norm_ref(h, weight, eps, out_dtype), h
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, *, backend: str = "auto"
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-5,
+    *,
+    out_dtype: torch.dtype | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """RMSNorm over the last dim. x: [..., D]; weight: [D]."""
+    """RMSNorm over the last dim. x: [..., D]; weight: [D]. The result in out_dtype (default x's)."""
     check_backend(backend)
     _check(x, weight)
     if use_triton(backend, x, weight):
         _check_width(x.shape[-1])
-        return RMSNormFunction.apply(x, None, weight, eps)
-    return rms_norm_ref(x, weight, eps)
+        return RMSNormFunction.apply(x, None, weight, eps, out_dtype or x.dtype)
+    return rms_norm_ref(x, weight, eps, out_dtype)
 
 
 def rms_norm_residual(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, *, backend: str = "auto"
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-5,
+    *,
+    out_dtype: torch.dtype | None = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused h = x + residual; y = rms_norm(h). x, residual: [..., D]; weight: [D]. Returns (y, h).
 
-    h is the new residual stream for the next block; gradients flow through both outputs.
+    h (torch's promoted dtype of x and residual) is the new residual stream for the next block; y is
+    in out_dtype (default h's). Gradients flow through both outputs.
     """
     check_backend(backend)
     _check(x, weight, residual)
     if use_triton(backend, x, residual, weight):
         _check_width(x.shape[-1])
-        return RMSNormFunction.apply(x, residual, weight, eps)
-    return rms_norm_residual_ref(x, residual, weight, eps)
+        h_dtype = torch.promote_types(x.dtype, residual.dtype)
+        return RMSNormFunction.apply(x, residual, weight, eps, out_dtype or h_dtype)
+    return rms_norm_residual_ref(x, residual, weight, eps, out_dtype)

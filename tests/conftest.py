@@ -68,3 +68,35 @@ def cuda_when_available():
         yield
     finally:
         torch.set_default_device("cpu")
+
+
+@pytest.fixture
+def bf16_round_to_nearest(monkeypatch):
+    """Makes the interpreter round fp32 -> bf16 casts to nearest-even, as the GPU does.
+
+    The interpreter truncates them (its own bf16 emulation), a bias toward zero that roughly doubles
+    the error of a bf16 computation; with this, a kernel's bf16 stores round like the GPU's and like
+    torch's own bf16 casts, so an end-to-end bf16 comparison measures the kernels, not the
+    interpreter. No-op on a GPU or if the interpreter's internals have moved.
+    """
+    if _HAS_CUDA:
+        yield
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    cast_impl = getattr(builder, "cast_impl", None)
+    if cast_impl is None or not hasattr(interpreter, "TensorHandle"):
+        pytest.skip("this Triton's interpreter has no cast_impl to make bf16 casts round to nearest")
+
+    def rounded(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            f32 = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
+            bits = f32.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+            return interpreter.TensorHandle(bits, dst_type.scalar)
+        return cast_impl(self, src, dst_type)
+
+    monkeypatch.setattr(builder, "cast_impl", rounded)
+    yield

@@ -112,6 +112,50 @@ def test_rms_norm_residual_gradients_through_both_outputs(shape, dtype):
     assert_close_to_ref(dw, dw64, dwt, name="dweight")
 
 
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("shape", [(6, 64), (2, 21, 136)])
+def test_autocast_block_layout_fp32_residual_bf16_branch_bf16_output(shape):
+    """The model's block under autocast: h = x (fp32 residual stream) + a (bf16 branch output), the
+    norm of h handed to the next linears in bf16. h stays fp32, y comes out bf16, and each input gets
+    its gradient in its own dtype; y's error is bf16 rounding of the exact result."""
+    x, a, w = torch.randn(shape), torch.randn(shape), torch.rand(shape[-1]) + 0.5
+    dy, dh = torch.randn(shape), torch.randn(shape)
+
+    def run(fn, dt_x, dt_a, dt_w):
+        ins = [_leaf(a, dt_a), _leaf(x, dt_x), _leaf(w, dt_w)]
+        return _grads(fn, ins, [dy.to(torch.bfloat16 if dt_x != torch.float64 else dt_x), dh.to(dt_x)])
+
+    bf16, f32, f64 = torch.bfloat16, torch.float32, torch.float64
+    (y, h), (da, dx, dw) = run(
+        lambda p, q, r: rms_norm_residual(p, q, r, out_dtype=bf16, backend="triton"), f32, bf16, f32
+    )
+    (y64, h64), (da64, dx64, dw64) = run(_rms_norm_residual64, f64, bf16, f64)
+    (yt, ht), (dat, dxt, dwt) = run(
+        lambda p, q, r: rms_norm_residual_ref(p, q, r, out_dtype=bf16), f32, bf16, f32
+    )
+    assert (y.dtype, h.dtype, da.dtype, dx.dtype, dw.dtype) == (bf16, f32, bf16, f32, f32)
+    for name, got, exact, ref in [
+        ("y", y, y64, yt),
+        ("h", h, h64, ht),
+        ("dbranch", da, da64, dat),
+        ("dresidual", dx, dx64, dxt),
+        ("dweight", dw, dw64, dwt),
+    ]:
+        assert_close_to_ref(got, exact, ref, name=name)
+
+
+def test_rms_norm_out_dtype_is_the_rounded_fp32_result():
+    # One bf16 ulp, not bits: the interpreter's fp32->bf16 store truncates where the GPU rounds.
+    x, w = torch.randn(37, 200), torch.rand(200) + 0.5
+    y = rms_norm(x, w, out_dtype=torch.bfloat16, backend="triton")
+    assert y.dtype == torch.bfloat16
+    y32 = rms_norm(x, w, backend="triton")
+    torch.testing.assert_close(y.float(), y32, rtol=2**-7, atol=0)
+    torch.testing.assert_close(
+        rms_norm_ref(x, w, out_dtype=torch.bfloat16), y32.to(torch.bfloat16), rtol=0, atol=1e-6
+    )
+
+
 @pytest.mark.parametrize("use", ["y", "h"])
 def test_rms_norm_residual_one_output_used(use):
     x, r = torch.randn(7, 50, requires_grad=True), torch.randn(7, 50, requires_grad=True)
