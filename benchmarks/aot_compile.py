@@ -180,6 +180,16 @@ def scenarios(quick: bool) -> list[tuple[str, Callable[[], None]]]:
 
         return go
 
+    def block_norms(dim):
+        # The model's norms under autocast: fp32 residual stream + bf16 branch -> bf16 norm output.
+        def go():
+            x, a, w = leaf(8, dim, dtype=torch.float32), leaf(8, dim), leaf(dim, dtype=torch.float32)
+            y0 = K.rms_norm(x, w, out_dtype=bf16, backend="triton")
+            y, h = K.rms_norm_residual(a, x, w, out_dtype=bf16, backend="triton")
+            (y0.float().sum() + y.float().sum() + h.sum()).backward()
+
+        return go
+
     def rope(hq, hk, d):
         def go():
             q, k = leaf(1, 16, hq, d), leaf(1, 16, hk, d)
@@ -250,6 +260,7 @@ def scenarios(quick: bool) -> list[tuple[str, Callable[[], None]]]:
     out = [
         ("rmsnorm 4096", rmsnorm(4096, False)),
         ("rmsnorm+residual 4096", rmsnorm(4096, True)),
+        ("block norms under autocast 4096", block_norms(4096)),
         ("rope 32q/8kv hd128", rope(32, 8, 128)),
         ("swiglu 14336", swiglu(14336)),
         ("fused linear CE vocab 128256", cross_entropy(128256, 0.0)),
@@ -263,6 +274,8 @@ def scenarios(quick: bool) -> list[tuple[str, Callable[[], None]]]:
             ("rmsnorm 8192", rmsnorm(8192, False)),
             ("rmsnorm 16384", rmsnorm(16384, False)),
             ("rmsnorm+residual 8192", rmsnorm(8192, True)),
+            ("block norms under autocast 8192", block_norms(8192)),
+            ("block norms under autocast 16384", block_norms(16384)),
             ("rope 64q/8kv hd128", rope(64, 8, 128)),
             ("rope 16q/4kv hd64", rope(16, 4, 64)),
             ("swiglu 28672", swiglu(28672)),

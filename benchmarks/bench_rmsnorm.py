@@ -1,5 +1,8 @@
 """RMSNorm (and the fused residual-add variant) at Llama 3 8B/70B widths: GB/s vs copy bandwidth.
 
+Shapes with "autocast" are the model's block under the trainer's autocast: an fp32 residual stream
+plus a bf16 branch output, normalised into the bf16 input of the next linears (h stays fp32).
+
 python -m benchmarks.bench_rmsnorm [--quick] [--out DIR]
 """
 
@@ -14,12 +17,13 @@ EPS = 1e-5
 
 def make_inputs(shape: dict, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     n, d = shape["tokens"], shape["dim"]
+    wide = torch.float32 if shape.get("autocast") else dtype  # master weight, residual stream
     inputs = {
         "x": torch.randn(n, d, device=device, dtype=dtype, requires_grad=True),
-        "weight": (torch.rand(d, device=device, dtype=dtype) + 0.5).requires_grad_(),
+        "weight": (torch.rand(d, device=device, dtype=wide) + 0.5).requires_grad_(),
     }
     if shape["residual"]:
-        inputs["residual"] = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
+        inputs["residual"] = torch.randn(n, d, device=device, dtype=wide, requires_grad=True)
     return inputs
 
 
@@ -30,10 +34,11 @@ def _provider(kernel_backend: str | None = None, compile_ref: bool = False):
         x, w = inp["x"], inp["weight"]
         if shape["residual"]:
             r = inp["residual"]
+            out = x.dtype if shape.get("autocast") else None
             if kernel_backend:
-                return lambda: rms_norm_residual(x, r, w, EPS, backend=kernel_backend)
+                return lambda: rms_norm_residual(x, r, w, EPS, out_dtype=out, backend=kernel_backend)
             fn = compiled(rms_norm_residual_ref, x.device) if compile_ref else rms_norm_residual_ref
-            return lambda: fn(x, r, w, EPS)
+            return lambda: fn(x, r, w, EPS, out)
         if kernel_backend:
             return lambda: rms_norm(x, w, EPS, backend=kernel_backend)
         fn = compiled(rms_norm_ref, x.device) if compile_ref else rms_norm_ref
@@ -52,6 +57,10 @@ def _liger(inp: dict[str, torch.Tensor], shape: dict):
 
 def bytes_moved(shape: dict, mode: str, dtype: torch.dtype) -> float:
     n, d, es = shape["tokens"], shape["dim"], torch.finfo(dtype).bits // 8
+    if shape.get("autocast"):  # bf16 branch + fp32 residual in, fp32 h + bf16 y out; grads alike
+        fwd = n * d * (es + 4 + 4 + es) + d * 4
+        bwd = n * d * (4 + es + 4 + es + 4) + d * 4  # h, dy, dh in; d(branch), d(residual) out
+        return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
     rows = n * d * es
     fwd = rows * (4 if shape["residual"] else 2) + d * es  # x (+ residual) in, y (+ h) out
     bwd = rows * (4 if shape["residual"] else 3) + d * es  # x, dy (+ dh) in, dx out
@@ -60,8 +69,10 @@ def bytes_moved(shape: dict, mode: str, dtype: torch.dtype) -> float:
 
 BENCH = Benchmark(
     name="rmsnorm",
-    shapes=[{"tokens": 16384, "dim": d, "residual": r} for r in (False, True) for d in (4096, 8192)],
-    quick_shapes=[{"tokens": 48, "dim": 200, "residual": r} for r in (False, True)],
+    shapes=[{"tokens": 16384, "dim": d, "residual": r} for r in (False, True) for d in (4096, 8192)]
+    + [{"tokens": 16384, "dim": d, "residual": True, "autocast": True} for d in (4096, 8192)],
+    quick_shapes=[{"tokens": 48, "dim": 200, "residual": r} for r in (False, True)]
+    + [{"tokens": 48, "dim": 200, "residual": True, "autocast": True}],
     make_inputs=make_inputs,
     providers={
         "llama3hp": _provider("triton"),

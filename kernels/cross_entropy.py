@@ -318,12 +318,13 @@ def linear_cross_entropy(
         )
     # Under autocast the logits GEMMs run in autocast's dtype, like the nn.Linear they replace;
     # otherwise hidden and weight must agree.
-    mm_dtype = matmul_dtype(hidden)
-    if (mm_dtype == hidden.dtype and hidden.dtype != weight.dtype) or targets.is_floating_point():
+    autocast_on = torch.is_autocast_enabled(hidden.device.type)
+    if (not autocast_on and hidden.dtype != weight.dtype) or targets.is_floating_point():
         raise ValueError(
             f"expected hidden and weight of one dtype (or autocast on) and integer targets, got {hidden.dtype}, "
             f"{weight.dtype}, {targets.dtype}"
         )
+    mm_dtype = matmul_dtype(hidden)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
     n, v = hidden.shape[0], weight.shape[0]

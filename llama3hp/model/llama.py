@@ -18,18 +18,28 @@ import torch.nn.functional as F
 from torch import nn
 
 import llama3hp.kernels as K
+from llama3hp.kernels.dispatch import matmul_dtype
 from llama3hp.model.args import KernelConfig, ModelArgs
 from llama3hp.model.rope import rope_inv_freq
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm whose output is in the dtype its consumers compute in: autocast's under autocast (the
+    linears that follow would cast to it anyway; the kernel writes it directly), else the input's."""
+
     def __init__(self, dim: int, eps: float, backend: str = "auto"):
         super().__init__()
         self.eps, self.backend = eps, backend
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return K.rms_norm(x, self.weight, self.eps, backend=self.backend)
+        return K.rms_norm(x, self.weight, self.eps, out_dtype=matmul_dtype(x), backend=self.backend)
+
+    def add_and_norm(self, branch: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(h), h) with h = residual + branch in one pass (h keeps the residual stream's dtype)."""
+        return K.rms_norm_residual(
+            branch, residual, self.weight, self.eps, out_dtype=matmul_dtype(residual), backend=self.backend
+        )
 
 
 class Attention(nn.Module):
@@ -86,8 +96,9 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args)
 
     def forward(self, x, positions, inv_freq, cu_seqlens, max_seqlen):
-        h = x + self.attention(self.attention_norm(x), positions, inv_freq, cu_seqlens, max_seqlen)
-        return h + self.feed_forward(self.ffn_norm(h))
+        a = self.attention(self.attention_norm(x), positions, inv_freq, cu_seqlens, max_seqlen)
+        y, h = self.ffn_norm.add_and_norm(a, x)  # h = x + a, fused with the FFN's norm
+        return h + self.feed_forward(y)
 
 
 def document_positions(cu_seqlens: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:

@@ -84,6 +84,7 @@ def _mixed_precision_step(kernels: str, attention: str, amp: torch.dtype | None)
     return loss.detach(), grads, gemms
 
 
+@pytest.mark.usefixtures("bf16_round_to_nearest")  # bf16 stores round as on the GPU (conftest)
 @pytest.mark.parametrize(
     "amp,attention", [(torch.bfloat16, "torch"), (torch.float16, "triton")], ids=["bf16", "fp16"]
 )
@@ -102,6 +103,8 @@ def test_kernels_under_autocast_match_the_reference_and_keep_gemms_low_precision
         num = sum((grads[n].float() - ref_grads[n]).norm() ** 2 for n in ref_grads) ** 0.5
         return float(num / sum(g.norm() ** 2 for g in ref_grads.values()) ** 0.5)
 
-    tol = 1e-2 if amp == torch.bfloat16 else 2e-3  # ~ the dtype's epsilon: floor for tiny errors
-    assert abs(float(k_loss - ref_loss)) <= 2 * abs(float(t_loss - ref_loss)) + tol * float(ref_loss) / 10
-    assert err(k_grads) <= 2 * err(t_grads) + tol / 10, (err(k_grads), err(t_grads))
+    # Measured: bf16 4.3e-3 for both (with truncating bf16 casts the kernels' error was 8.9e-3), fp16
+    # 5.9e-4 for both. The floor (a tenth of the dtype's epsilon) only matters for tiny errors.
+    floor = 8e-4 if amp == torch.bfloat16 else 1e-4
+    assert abs(float(k_loss - ref_loss)) <= 2 * abs(float(t_loss - ref_loss)) + floor * float(ref_loss)
+    assert err(k_grads) <= 2 * err(t_grads) + floor, (err(k_grads), err(t_grads))
