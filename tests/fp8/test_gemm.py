@@ -14,7 +14,7 @@ from llama3hp.kernels.fp8_quant import fp8_quantize_rowwise_ref
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
 
-def _operands(M, N, K, a_dtype=E4M3, b_dtype=E4M3, device="cpu"):
+def _operands(M, N, K, a_dtype=E4M3, b_dtype=E4M3, device=None):  # None: the default device
     x = torch.randn(M, K, device=device) * 3
     w = torch.randn(N, K, device=device) * 0.02
     a, sa = fp8_quantize_rowwise_ref(x, a_dtype)

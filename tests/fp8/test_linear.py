@@ -170,11 +170,12 @@ def _train(fp8: bool, steps: int = 50) -> list[float]:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     # A structured stream: each row is an arithmetic progression mod 256 with a random start and step
     # in 1..4, so the next token is predictable from the previous two and the loss falls fast.
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(1)  # a CPU stream; the draws move to the default device (CUDA on a GPU)
+    dev = torch.get_default_device()
     losses = []
     for _ in range(steps):
-        start = torch.randint(0, 256, (4, 1), generator=g)
-        step = torch.randint(1, 5, (4, 1), generator=g)
+        start = torch.randint(0, 256, (4, 1), generator=g, device="cpu").to(dev)
+        step = torch.randint(1, 5, (4, 1), generator=g, device="cpu").to(dev)
         seq = (start + step * torch.arange(33)) % 256
         loss = model(seq[:, :-1], targets=seq[:, 1:])
         opt.zero_grad(set_to_none=True)

@@ -148,19 +148,20 @@ def test_under_autocast_fp32_inputs_run_low_precision_gemms_and_return_fp32_grad
     grad_out = torch.rand(42) + 0.5 if reduction == "none" else torch.tensor(1.7)
     want = _run(_lce64, hidden, weight, targets, grad_out, torch.float64, reduction=reduction)
     runs = []
+    dev = hidden.device.type  # CUDA when a GPU runs this (tests/kernels/conftest.py)
     for backward_in_autocast in (False, True):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         gemms = GemmDtypes()
-        with gemms, torch.autocast("cpu", dtype=torch.bfloat16):
+        with gemms, torch.autocast(dev, dtype=torch.bfloat16):
             loss = linear_cross_entropy(h, w, targets, reduction=reduction, chunk_size=16, backend="triton")
-        with gemms, torch.autocast("cpu", dtype=torch.bfloat16, enabled=backward_in_autocast):
+        with gemms, torch.autocast(dev, dtype=torch.bfloat16, enabled=backward_in_autocast):
             gh, gw = torch.autograd.grad((loss.double() * grad_out.double()).sum(), (h, w))
         assert loss.dtype == gh.dtype == gw.dtype == torch.float32
         assert gemms.records and not gemms.in_dtype(torch.float32), gemms.in_dtype(torch.float32)[:3]
         runs.append((loss, gh, gw))
     for a, b in zip(*runs):  # the ambient autocast state in backward changes nothing
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # PyTorch's own error at the same precision
+    with torch.autocast(dev, dtype=torch.bfloat16):  # PyTorch's own error at the same precision
         base = _run(
             linear_cross_entropy_ref, hidden, weight, targets, grad_out, torch.float32, reduction=reduction
         )

@@ -29,7 +29,11 @@ def _train(backend: str, attention_backend: str) -> list[float]:
     # Packed documents: row 0 holds three documents, row 1 two (documents never cross rows).
     cu_seqlens = torch.tensor([0, 10, 21, 32, 49, 64], dtype=torch.int32)
     losses = []
-    batches = [torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=data) for _ in range(2)]
+    # Drawn on the CPU generator, then moved to the default device (CUDA when a GPU runs this).
+    dev = torch.get_default_device()
+    batches = [
+        torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=data, device="cpu").to(dev) for _ in range(2)
+    ]
     for step in range(STEPS):
         tokens = batches[step % 2]  # two batches seen ten times each: the loss must fall
         targets = tokens[:, 1:].clone()
@@ -71,13 +75,14 @@ def _mixed_precision_step(kernels: str, attention: str, amp: torch.dtype | None)
     model = model_lib.Transformer(args)
     model.init_weights(seed=0)
     data = torch.Generator().manual_seed(99)
-    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=data)
+    dev = torch.get_default_device()  # CUDA when a GPU runs this (tests/kernels/conftest.py)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=data, device="cpu").to(dev)
     targets = tokens[:, 1:].clone()
     targets[1, 3] = -100
     cu_seqlens = torch.tensor([0, 10, 21, 32, 49, 64], dtype=torch.int32)
     gemms = GemmDtypes()
     with gemms:
-        with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+        with torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
             loss = model(tokens[:, :-1], targets=targets, cu_seqlens=cu_seqlens, max_seqlen=17)
         loss.backward()  # outside autocast, as on CUDA (where backward never sees autocast)
     grads = {n: p.grad for n, p in model.named_parameters()}
