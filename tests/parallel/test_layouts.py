@@ -75,11 +75,13 @@ FP8_SAME_TOKENS = {"fp8_pp2", "fp8_dp2_zero3"}
 # Mixed precision as the GPU trainer runs it (autocast bf16, fp32 master weights and residual
 # stream), on CPU autocast, against the one-process autocast run. TP and CP split reductions that
 # one process does whole, and bf16 rounds the partial sums: equal to a few bf16 ulps. Every GEMM of
-# the parallel run, backward included, must be bf16.
+# the parallel run, backward included, must be bf16. The FP8 case runs the TP overlap's Fp8Gemms
+# on the bf16 activations autocast gives them.
 AMP_CASES = [
     case("amp_tp2_overlap", tp=2, cp=1, pp=1, dp=1, tp_overlap=True, amp=torch.bfloat16),
     case("amp_tp2_cp2_pp2", tp=2, cp=2, pp=2, dp=1, T=32, amp=torch.bfloat16),
     case("amp_dp2_zero3_pp2", tp=1, cp=1, pp=2, dp=2, zero_stage=3, amp=torch.bfloat16),
+    case("amp_fp8_tp2_overlap", tp=2, cp=1, pp=1, dp=1, tp_overlap=True, fp8="emulated", amp=torch.bfloat16),
 ]
 TOL_LOSS_AMP = 1e-3  # measured: 4.5e-5 relative (TP2 overlap), 3.6e-5 (TP2xCP2xPP2)
 TOL_LOSS, TOL_PARAM = 1e-5, 5e-5
@@ -144,9 +146,13 @@ def test_fp8_tp_overlap_and_no_sp_equal_the_plain_sp_path(results):
 
 @pytest.mark.parametrize("name", [c["name"] for c in AMP_CASES])
 def test_autocast_layout_matches_one_process_autocast(results, name):
+    fp8 = next(c for c in AMP_CASES if c["name"] == name).get("fp8") is not None
     for rank, r in _ranks(results, name):
-        assert r["n_gemms"] > 0 and not r["fp32_gemms"], f"rank {rank}: fp32 GEMMs: {r['fp32_gemms'][:4]}"
-        assert r["loss_diff"] < TOL_LOSS_AMP * max(r["ref_losses"]), (
-            f"rank {rank}: {r['losses']} vs {r['ref_losses']}"
-        )
+        assert r["n_gemms"] > 0
+        # The emulated FP8 GEMM multiplies dequantized fp32 operands by design (the GPU runs
+        # _scaled_mm on FP8 ones): only the plain cases must have no fp32 GEMM.
+        assert fp8 or not r["fp32_gemms"], f"rank {rank}: fp32 GEMMs: {r['fp32_gemms'][:4]}"
+        # FP8 under TP quantizes per shard where a GEMM reduces over the shard (measured 3.4e-4).
+        tol = TOL_LOSS_FP8_SHARDED if fp8 else TOL_LOSS_AMP
+        assert r["loss_diff"] < tol * max(r["ref_losses"]), f"rank {rank}: {r['losses']} vs {r['ref_losses']}"
         assert r["param_diff"] < 3 * r.get("steps", 3) * LR, f"rank {rank}: param diff {r['param_diff']}"
