@@ -196,3 +196,47 @@ def test_tiny_model_50_steps_emulated_fp8_within_2_percent_of_fp32():
     assert ref[-1] < 0.6 * ref[0], f"fp32 run did not learn: {ref[0]:.3f} -> {ref[-1]:.3f}"
     final_ref, final_fp8 = sum(ref[-5:]) / 5, sum(fp8[-5:]) / 5
     assert abs(final_fp8 - final_ref) <= 0.02 * final_ref, f"fp8 {final_fp8:.4f} vs fp32 {final_ref:.4f}"
+
+
+def _cpu_scaled_mm_available() -> bool:
+    try:
+        a = torch.zeros(16, 16, dtype=torch.float8_e4m3fn, device="cpu")
+        torch._scaled_mm(
+            a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16
+        )
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return True
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the real path in test_gemm.py")
+@pytest.mark.skipif(not _cpu_scaled_mm_available(), reason="this torch has no CPU torch._scaled_mm")
+def test_the_scaled_mm_path_of_all_three_gemms_on_cpu(monkeypatch):
+    """The GPU's FP8 path (torch._scaled_mm with row-wise scales) driven on CPU, where torch also
+    implements it: forward, dgrad and wgrad each pass _scaled_mm their transposed fp8 copies and
+    [M, 1] / [1, N] scales, so a swapped operand or scale layout shows here as a wrong result.
+    Compared with the same recipe on the fp32-emulated GEMM (scales drawn non-uniform by the data)."""
+    import llama3hp.fp8.linear as fl
+    import llama3hp.kernels.fp8_gemm as fg
+
+    monkeypatch.setattr(fg, "scaled_mm_supported", lambda device: True)
+    monkeypatch.setattr(fl, "scaled_mm_supported", lambda device: True)
+    g = torch.Generator().manual_seed(3)
+    M, K, N = 48, 96, 80
+    x = torch.randn(M, K, generator=g) * torch.rand(M, 1, generator=g) * 4  # per-token magnitudes differ
+    w = torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g) * 0.1  # per-channel too
+    dy = torch.randn(M, N, generator=g) * torch.rand(1, N, generator=g)
+    outs = {}
+    for gemm in ("scaled_mm", "torch"):
+        lin = nn.Linear(K, N, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+        cfg = Fp8Config(recipe="rowwise", gemm=gemm, quant_backend="torch")
+        f = Fp8Linear.from_linear(lin, cfg)
+        xx = x.clone().to(torch.bfloat16).requires_grad_(True)
+        y = f(xx)
+        y.backward(dy.to(y.dtype))
+        outs[gemm] = (y.float(), xx.grad.float(), f.weight.grad.float())
+    for name, got, want in zip(("y", "dx", "dw"), outs["scaled_mm"], outs["torch"]):
+        # _scaled_mm writes bf16: one bf16 rounding of the same fp32-accumulated products.
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item(), msg=name)
