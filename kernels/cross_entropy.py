@@ -168,32 +168,14 @@ def _run_chunks(hidden, weight, targets, *, ignore_index, z_loss_scale, chunk_ro
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Fused `cross_entropy(hidden [N, D] @ weight [V, D].T, targets [N])` (see module docstring).
 
-    forward(hidden, weight, targets, ignore_index, reduction, z_loss_scale, chunk_rows, need_gh, need_gw)
-    -> fp32 loss: a scalar, or [N] with reduction "none".
+    forward(hidden, weight, targets, ignore_index, reduction, z_loss_scale, chunk_rows, need_gh, need_gw,
+    mm_dtype) -> fp32 loss: a scalar, or [N] with reduction "none". The GEMMs run in mm_dtype (autocast's
+    dtype under autocast) with autocast off, forward and backward; grads return in the inputs' dtypes.
     """
 
     @staticmethod
+    @autocast_off
     def forward(
-        ctx,
-        hidden,
-        weight,
-        targets,
-        ignore_index,
-        reduction,
-        z_loss_scale,
-        chunk_rows,
-        need_gh,
-        need_gw,
-        mm_dtype,
-    ):
-        with autocast_off(hidden):
-            return LinearCrossEntropyFunction._forward(
-                ctx, hidden, weight, targets, ignore_index, reduction, z_loss_scale, chunk_rows, need_gh, need_gw,
-                mm_dtype,
-            )  # fmt: skip
-
-    @staticmethod
-    def _forward(
         ctx,
         hidden,
         weight,
@@ -233,12 +215,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return total / n_valid.clamp(min=1) if reduction == "mean" else total
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_loss):
-        with autocast_off(grad_loss):
-            return LinearCrossEntropyFunction._backward(ctx, grad_loss)
-
-    @staticmethod
-    def _backward(ctx, grad_loss):
         need_gh, need_gw = ctx.need
         h_dtype, w_dtype, mm_dtype = ctx.dtypes
         none = (None,) * 8

@@ -55,6 +55,16 @@ def matmul_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def autocast_off(t: torch.Tensor):
-    """A context with autocast disabled on t's device type (for the bodies of custom Functions)."""
-    return torch.autocast(device_type=t.device.type, enabled=False)
+def autocast_off(fn):
+    """Decorates a custom autograd Function's forward or backward to run with autocast disabled on the
+    device of its first tensor argument (see matmul_dtype: such Functions handle dtypes explicitly)."""
+
+    @functools.wraps(fn)
+    def run(ctx, *args):
+        t = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if t is None:
+            return fn(ctx, *args)
+        with torch.autocast(device_type=t.device.type, enabled=False):
+            return fn(ctx, *args)
+
+    return run

@@ -120,12 +120,8 @@ class AllGatherMatmul(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_off
     def forward(ctx, x, group, n_chunks, gemms, out_dtype, *weights):
-        with autocast_off(x):
-            return AllGatherMatmul._forward(ctx, x, group, n_chunks, gemms, out_dtype, *weights)
-
-    @staticmethod
-    def _forward(ctx, x, group, n_chunks, gemms, out_dtype, *weights):
         tp = group_size(group)
         B, S, D = x.shape
         s = S // n_chunks
@@ -154,12 +150,8 @@ class AllGatherMatmul(torch.autograd.Function):
         return tuple(o.view(B, tp * S, -1) for o in outs)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, *grads):
-        with autocast_off(ctx.saved_tensors[0]):
-            return AllGatherMatmul._backward(ctx, *grads)
-
-    @staticmethod
-    def _backward(ctx, *grads):
         x_full, *masters = ctx.saved_tensors
         weights = [mm.weight_operand(w, ctx.out_dtype) for w, mm in zip(masters, ctx.gemms)]
         group, n = ctx.group, ctx.n_chunks
@@ -198,12 +190,8 @@ class MatmulReduceScatter(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_off
     def forward(ctx, x, group, n_chunks, gemms, out_dtype, weight):
-        with autocast_off(x):
-            return MatmulReduceScatter._forward(ctx, x, group, n_chunks, gemms, out_dtype, weight)
-
-    @staticmethod
-    def _forward(ctx, x, group, n_chunks, gemms, out_dtype, weight):
         tp = group_size(group)
         B, T, Fl = x.shape
         s = T // tp // n_chunks
@@ -222,12 +210,8 @@ class MatmulReduceScatter(torch.autograd.Function):
         return torch.cat(recvs, dim=1)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, g):
-        with autocast_off(g):
-            return MatmulReduceScatter._backward(ctx, g)
-
-    @staticmethod
-    def _backward(ctx, g):
         x, weight = ctx.saved_tensors
         w = ctx.gemms.weight_operand(weight, ctx.out_dtype)
         group, n = ctx.group, ctx.n_chunks
@@ -308,26 +292,8 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx, h, weight, targets, vocab_start, group, ignore_index, z_loss_scale, chunk_rows, fused, mm_dtype
-    ):
-        with autocast_off(h):
-            return VocabParallelLinearCrossEntropy._forward(
-                ctx,
-                h,
-                weight,
-                targets,
-                vocab_start,
-                group,
-                ignore_index,
-                z_loss_scale,
-                chunk_rows,
-                fused,
-                mm_dtype,
-            )
-
-    @staticmethod
-    def _forward(ctx, h_in, weight_in, targets, vocab_start, group, ignore_index, z_loss_scale, chunk_rows, fused,
+    @autocast_off
+    def forward(ctx, h_in, weight_in, targets, vocab_start, group, ignore_index, z_loss_scale, chunk_rows, fused,
                  mm_dtype):  # fmt: skip
         h, weight = h_in.to(mm_dtype), weight_in.to(mm_dtype)
         N, Vl = h.shape[0], weight.shape[0]
@@ -358,12 +324,8 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @autocast_off
     def backward(ctx, g):
-        with autocast_off(g):
-            return VocabParallelLinearCrossEntropy._backward(ctx, g)
-
-    @staticmethod
-    def _backward(ctx, g):
         h_in, weight_in, grad_t, lse = ctx.saved_tensors
         ignore_index, z, chunk_rows, fused, mm_dtype = ctx.opts
         h, weight = h_in.to(mm_dtype), weight_in.to(mm_dtype)
