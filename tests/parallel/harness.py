@@ -40,6 +40,31 @@ def small_args(**kw) -> ModelArgs:
     return ModelArgs(**base)
 
 
+@dataclasses.dataclass
+class TPLinearCase:
+    """The full tensors of a column- then row-parallel linear check (the same on every rank) and this
+    rank's slices: `rows` of the sequence (its SP shard), `cols` of the O features (its TP shard)."""
+
+    x: torch.Tensor  # [B, T, D] column-parallel input
+    w_col: torch.Tensor  # [O, D]
+    dy_col: torch.Tensor  # [B, T, O]
+    h: torch.Tensor  # [B, T, O] row-parallel input
+    w_row: torch.Tensor  # [D, O]
+    dy_row: torch.Tensor  # [B, T, D]
+    rows: slice
+    cols: slice
+
+
+def tp_linear_case(B: int, T: int, D: int, O: int) -> TPLinearCase:
+    r, tp = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(0)
+    shapes = [(B, T, D), (O, D), (B, T, O), (B, T, O), (D, O), (B, T, D)]
+    tensors = [torch.randn(*s, generator=g) for s in shapes]
+    return TPLinearCase(
+        *tensors, rows=slice(r * T // tp, (r + 1) * T // tp), cols=slice(r * O // tp, (r + 1) * O // tp)
+    )
+
+
 def make_batches(step: int, dp: int, micro: int, rows: int, T: int, vocab: int) -> list[list[MicroBatch]]:
     """batches[dp_rank][i]: `micro` micro-batches of `rows` rows per DP rank; packed documents of
     random lengths (crossing CP chunk borders), some ignored targets."""

@@ -18,7 +18,7 @@ from torch import nn
 import llama3hp.kernels as K
 from llama3hp.parallel.tensor import TPComm, VocabParallelLinearCrossEntropy
 from tests.gemm_dtypes import GemmDtypes
-from tests.parallel.harness import spawn_workers
+from tests.parallel.harness import spawn_workers, tp_linear_case
 
 pytestmark = pytest.mark.xdist_group("parallel_autocast_tp")
 
@@ -50,19 +50,9 @@ def _case(case: dict) -> dict:
     r, tp = dist.get_rank(), dist.get_world_size()
     comm = TPComm(dist.group.WORLD, **PATHS[case["path"]])
     sp = comm.sequence_parallel
-    g = torch.Generator().manual_seed(0)  # the same full tensors on every rank
-    x, w_col, dy_col = (
-        torch.randn(B, T, D, generator=g),
-        torch.randn(O, D, generator=g),
-        torch.randn(B, T, O, generator=g),
-    )
-    h, w_row, dy_row = (
-        torch.randn(B, T, O, generator=g),
-        torch.randn(D, O, generator=g),
-        torch.randn(B, T, D, generator=g),
-    )
-    rows = slice(r * T // tp, (r + 1) * T // tp)
-    cols = slice(r * O // tp, (r + 1) * O // tp)
+    c = tp_linear_case(B, T, D, O)  # the same full tensors on every rank; this rank's slices
+    x, w_col, dy_col, h, w_row, dy_row = c.x, c.w_col, c.dy_col, c.h, c.w_row, c.dy_row
+    rows, cols = c.rows, c.cols
     out, gemms = {}, GemmDtypes()
 
     ref = _one_process(w_col, x, dy_col)
@@ -88,6 +78,7 @@ def _case(case: dict) -> dict:
     out["row_dw"] = (lin.weight.grad, ref[2][:, cols])
 
     # The chunked vocab-parallel loss as compute_loss calls it: bf16 rows, this rank's fp32 head shard.
+    g = torch.Generator().manual_seed(1)
     hid, head = torch.randn(B * T, D, generator=g), torch.randn(V, D, generator=g) / D**0.5
     tgt = torch.randint(0, V, (B * T,), generator=g)
     tgt[::5] = -100

@@ -17,7 +17,7 @@ from torch import nn
 
 from llama3hp.fp8 import Fp8Config, Fp8Linear
 from llama3hp.parallel.tensor import TPComm
-from tests.parallel.harness import spawn_workers
+from tests.parallel.harness import spawn_workers, tp_linear_case
 
 pytestmark = pytest.mark.xdist_group("parallel_fp8_tp")
 
@@ -50,22 +50,11 @@ def _rel(a, b) -> float:
 
 def _tp_case(case: dict) -> dict:
     """Column- then row-parallel FP8 linear on this rank vs the one-process FP8 and plain linears."""
-    r, tp = dist.get_rank(), dist.get_world_size()
     comm = TPComm(dist.group.WORLD, **PATHS[case["path"]])
     sp = comm.sequence_parallel
-    g = torch.Generator().manual_seed(0)  # the same full tensors on every rank
-    x, w_col, dy_col = (
-        torch.randn(B, T, D, generator=g),
-        torch.randn(O, D, generator=g),
-        torch.randn(B, T, O, generator=g),
-    )
-    h, w_row, dy_row = (
-        torch.randn(B, T, O, generator=g),
-        torch.randn(D, O, generator=g),
-        torch.randn(B, T, D, generator=g),
-    )
-    rows = slice(r * T // tp, (r + 1) * T // tp)  # this rank's sequence shard
-    out_cols = slice(r * O // tp, (r + 1) * O // tp)  # its features of O
+    c = tp_linear_case(B, T, D, O)  # the same full tensors on every rank; this rank's slices
+    x, w_col, dy_col, h, w_row, dy_row = c.x, c.w_col, c.dy_col, c.h, c.w_row, c.dy_row
+    rows, out_cols = c.rows, c.cols
     out = {}
 
     # Column-parallel: W [O, D] split over output features.
