@@ -169,6 +169,20 @@ class Fp8LinearFunction(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
+def fp8_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: Fp8Config
+) -> torch.Tensor:
+    """y = x W^T (+ b) with the FP8 GEMMs of `cfg`; x [..., K], W [N, K] -> [..., N] in the autocast
+    dtype when autocast is on, else x's dtype."""
+    dev = x.device.type
+    out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    if x.dtype != out_dtype and out_dtype in (torch.float16, torch.bfloat16):
+        x = x.to(out_dtype)
+    # The quantized GEMMs pick their own precision; autocast must not recast their fp32 parts.
+    with torch.autocast(device_type=dev, enabled=False):
+        return Fp8LinearFunction.apply(x, weight, bias, cfg, out_dtype)
+
+
 class Fp8Linear(nn.Linear):
     """nn.Linear with FP8 GEMMs (see the module docstring). Same parameters and state-dict keys."""
 
@@ -187,13 +201,7 @@ class Fp8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features] in the autocast dtype when autocast is on, else x's dtype."""
-        dev = x.device.type
-        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        if x.dtype != out_dtype and out_dtype in (torch.float16, torch.bfloat16):
-            x = x.to(out_dtype)
-        # The quantized GEMMs pick their own precision; autocast must not recast their fp32 parts.
-        with torch.autocast(device_type=dev, enabled=False):
-            return Fp8LinearFunction.apply(x, self.weight, self.bias, self.fp8_config, out_dtype)
+        return fp8_linear(x, self.weight, self.bias, self.fp8_config)
 
     def extra_repr(self) -> str:
         c = self.fp8_config

@@ -39,6 +39,7 @@ from llama3hp.kernels.cross_entropy import (
     _launch_config,
 )
 from llama3hp.kernels.dispatch import autocast_off, matmul_dtype, use_triton
+from llama3hp.model.llama import groupable, grouped_linears
 from llama3hp.parallel.comm import (
     all_gather_dim,
     all_gather_single,
@@ -448,20 +449,33 @@ class TPComm:
     def rank(self) -> int:
         return group_rank(self.group)
 
-    def column(self, x: torch.Tensor, linears: list[Linear]) -> list[torch.Tensor]:
-        """x: [B, S, D] (SP shard) or [B, T, D] (replicated); linears with weights [O_k, D] -> [B, T, O_k] each."""
+    def column(self, x: torch.Tensor, linears: list[Linear], grouped: bool = False) -> list[torch.Tensor]:
+        """x: [B, S, D] (SP shard) or [B, T, D] (replicated); linears with weights [O_k, D] -> [B, T, O_k] each.
+
+        grouped: run the linears as one GEMM over their concatenated local weights where they allow it
+        (`llama3hp.model.llama.grouped_linears`, which the one-process model uses for q/k/v), so every
+        layout computes what one process does, FP8 scales included."""
+        calls = (
+            (lambda t: grouped_linears(t, linears))
+            if grouped
+            else (lambda t: [_call(lin, t) for lin in linears])
+        )
         if self.size == 1:
-            return [_call(lin, x) for lin in linears]
+            return calls(x)
         if not self.sequence_parallel:
-            x = CopyToTP.apply(x, self.group)
-            return [_call(lin, x) for lin in linears]
+            return calls(CopyToTP.apply(x, self.group))
         if self.overlap:
+            dt = matmul_dtype(x)
+            if grouped and groupable(linears):
+                w = torch.cat([_weight(lin) for lin in linears])  # grads flow back to each weight
+                (y,) = AllGatherMatmul.apply(
+                    x.to(dt), self.group, self.chunks, (gemms_for(linears[0]),), dt, w
+                )
+                return list(y.split([_weight(lin).shape[0] for lin in linears], dim=-1))
             gemms = tuple(gemms_for(lin) for lin in linears)
             weights = [_weight(lin) for lin in linears]
-            dt = matmul_dtype(x)
             return list(AllGatherMatmul.apply(x.to(dt), self.group, self.chunks, gemms, dt, *weights))
-        x = GatherFromSP.apply(x, self.group)
-        return [_call(lin, x) for lin in linears]
+        return calls(GatherFromSP.apply(x, self.group))
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, S, D] (SP shard) or [B, T, D] -> [B, T, D] on every TP rank; backward sums the
@@ -522,7 +536,7 @@ class ParallelAttention(nn.Module):
 
     def forward(self, x, positions_BT, inv_freq, cu_seqlens, max_seqlen):
         """x: [B, S, D] (SP) or [B, T, D]; positions_BT: [B, T] global RoPE positions of local tokens."""
-        q, k, v = self.tp.column(x, [self.wq, self.wk, self.wv])
+        q, k, v = self.tp.column(x, [self.wq, self.wk, self.wv], grouped=True)
         B, T = q.shape[:2]
         q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))
         q, k = K.apply_rope(q, k, positions_BT, inv_freq, backend=self.kernels.rope)

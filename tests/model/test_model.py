@@ -204,3 +204,74 @@ def test_invalid_kernel_backend_is_rejected():
     args.kernels.rmsnorm = "cuda"
     with pytest.raises(ValueError, match="model.kernels.rmsnorm"):
         Transformer(args)
+
+
+def _qkv_linears(fp8: str | None, dtype=torch.float32):
+    from torch import nn
+
+    from llama3hp.fp8 import Fp8Config, Fp8Linear
+
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for n_out in (64, 32, 32):  # q, k, v of 4 heads / 2 KV heads at head dim 16
+        lin = nn.Linear(64, n_out, bias=False, dtype=dtype)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(n_out, 64, generator=g) * 0.1)
+        out.append(Fp8Linear.from_linear(lin, Fp8Config(recipe=fp8)) if fp8 else lin)
+    return out
+
+
+def _run_linears(fn, linears, x, dys):
+    x = x.clone().requires_grad_(True)
+    ys = fn(x, linears)
+    sum((y.float() * dy).sum() for y, dy in zip(ys, dys)).backward()
+    grads = [x.grad] + [lin.weight.grad for lin in linears]
+    for lin in linears:
+        lin.weight.grad = None
+    return [y.detach() for y in ys], grads
+
+
+@pytest.mark.parametrize("fp8", [None, "emulated"])
+def test_grouped_qkv_linears_equal_separate_ones(fp8):
+    """q/k/v as one GEMM over the concatenated weights: the outputs and weight gradients of the
+    separate linears; the input gradient too (plain), or (FP8, whose per-token dy scales then span q,
+    k and v together, here with gradients 300x apart) as close to the exact one as the separate
+    linears' (measured: 3.44% vs 3.41%, E5M2 gradients)."""
+    from llama3hp.model.llama import groupable, grouped_linears
+
+    linears = _qkv_linears(fp8)
+    assert groupable(linears)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 9, 64, generator=g)
+    dys = [torch.randn(2, 9, n, generator=g) * s for n, s in ((64, 1.0), (32, 0.01), (32, 3.0))]
+    got = _run_linears(grouped_linears, linears, x, dys)
+    want = _run_linears(lambda t, lins: [lin(t) for lin in lins], linears, x, dys)
+    for a, b in zip(got[0] + got[1][1:], want[0] + want[1][1:]):  # outputs, weight grads
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    if fp8 is None:
+        assert rel(got[1][0], want[1][0]) < 1e-6
+    else:
+        exact = _run_linears(
+            lambda t, lins: [torch.nn.functional.linear(t, lin.weight) for lin in lins], linears, x, dys
+        )
+        assert rel(got[1][0], exact[1][0]) < 1.25 * rel(want[1][0], exact[1][0])
+
+
+def test_linears_that_cannot_be_grouped_run_one_at_a_time():
+    from torch import nn
+
+    from llama3hp.fp8 import Fp8Config, Fp8Linear
+    from llama3hp.model.llama import groupable, grouped_linears
+
+    plain = _qkv_linears(None)
+    mixed = [Fp8Linear.from_linear(plain[0], Fp8Config(recipe="emulated")), *plain[1:]]
+    biased = [nn.Linear(64, 8), nn.Linear(64, 8)]
+    assert not groupable(mixed) and not groupable(biased) and not groupable(plain[:1])
+    x = torch.randn(3, 64)
+    for lins in (mixed, biased):
+        for a, b in zip(grouped_linears(x, lins), [lin(x) for lin in lins]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
