@@ -11,7 +11,9 @@ model_lib = pytest.importorskip("llama3hp.model", reason="llama3hp.model is not 
 STEPS, BATCH, SEQ, VOCAB = 20, 2, 32, 512
 
 
-def _train(backend: str, attention_backend: str) -> list[float]:
+def _tiny_model(backend: str, attention_backend: str):
+    """The tiny Llama with every fused op on `backend` (attention on its own), initialised, on the
+    default device."""
     kernels = model_lib.KernelConfig(
         rmsnorm=backend, rope=backend, swiglu=backend, attention=attention_backend, cross_entropy=backend
     )
@@ -24,6 +26,11 @@ def _train(backend: str, attention_backend: str) -> list[float]:
         model = model_lib.Transformer(args)
     model.to_empty(device=torch.get_default_device())
     model.init_weights(seed=0)
+    return model
+
+
+def _train(backend: str, attention_backend: str) -> list[float]:
+    model = _tiny_model(backend, attention_backend)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     data = torch.Generator().manual_seed(1234)
     # Packed documents: row 0 holds three documents, row 1 two (documents never cross rows).
@@ -64,16 +71,7 @@ def test_tiny_model_trains_identically_with_kernels_on_and_off():
 def _mixed_precision_step(kernels: str, attention: str, amp: torch.dtype | None):
     from tests.gemm_dtypes import GemmDtypes
 
-    kc = model_lib.KernelConfig(
-        rmsnorm=kernels, rope=kernels, swiglu=kernels, attention=attention, cross_entropy=kernels
-    )
-    args = dataclasses.replace(
-        model_lib.get_model_args("tiny"),
-        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, multiple_of=32,
-        ffn_dim_multiplier=None, max_seq_len=SEQ, kernels=kc,
-    )  # fmt: skip
-    model = model_lib.Transformer(args)
-    model.init_weights(seed=0)
+    model = _tiny_model(kernels, attention)
     data = torch.Generator().manual_seed(99)
     dev = torch.get_default_device()  # CUDA when a GPU runs this (tests/kernels/conftest.py)
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=data, device="cpu").to(dev)
