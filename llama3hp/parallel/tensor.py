@@ -387,8 +387,8 @@ Linear = nn.Module | torch.Tensor
 
 
 class PlainGemms:
-    """The three GEMMs of y = x W^T in the dtype of their activation operand (the autocast dtype:
-    the callers cast activations at entry and the weight once through `weight_operand`)."""
+    """The three GEMMs of y = x W^T in the GEMM dtype: the callers cast the activations at entry and
+    the weight once per pass through `weight_operand`, so every operand already has it."""
 
     @staticmethod
     def weight_operand(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -396,15 +396,15 @@ class PlainGemms:
 
     @staticmethod
     def fprop(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        return (x @ w.to(x.dtype).T).to(out_dtype)
+        return (x @ w.T).to(out_dtype)
 
     @staticmethod
     def dgrad(dy: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        return (dy @ w.to(dy.dtype)).to(out_dtype)
+        return (dy @ w).to(out_dtype)
 
     @staticmethod
     def wgrad(dy: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        return (dy.T @ x.to(dy.dtype)).to(out_dtype)
+        return (dy.T @ x).to(out_dtype)
 
 
 def gemms_for(linear: Linear):
