@@ -25,6 +25,10 @@ Derived numbers: GB/s or TFLOP/s from `work`, their fraction of the device peak 
 same run (a 1 GiB device-to-device copy; an 8192^3 bf16 matmul on random data), and on CUDA the
 peak memory of each provider (max_memory_allocated minus what was allocated before the call).
 
+Agreement: before timing a GPU shape, every provider runs once on the same inputs and output
+gradients as llama3hp (`agreement`), and its rows carry `rel_err_vs_ours` (outputs and input
+gradients), listed under the table: a peer that computes something else is not a fair comparison.
+
 Output: one JSON row per (shape, provider, mode) carrying GPU name, torch/triton versions, date
 and command line, plus a markdown table with one line per (shape, mode) whose columns hold the
 ratios the targets are stated in (speedup of llama3hp over each peer, memory relative to eager).
@@ -35,6 +39,7 @@ a fresh temporary directory, never into results/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -97,9 +102,24 @@ def import_or_unavailable(module: str, attr: str) -> Any:
         raise Unavailable(f"{module}.{attr} not importable ({type(e).__name__})") from None
 
 
+_compile_on_cpu = False
+
+
+@contextlib.contextmanager
+def compile_on_cpu():
+    """Lets `compiled` build torch.compile providers on CPU too (the agreement tests: compiling takes
+    seconds per graph there, too slow for --quick timing runs)."""
+    global _compile_on_cpu
+    before, _compile_on_cpu = _compile_on_cpu, True
+    try:
+        yield
+    finally:
+        _compile_on_cpu = before
+
+
 def compiled(fn: Callable, device: torch.device) -> Callable:
-    """torch.compile(fn) on CUDA; on CPU (quick runs) compilation is skipped as unavailable."""
-    if device.type != "cuda":
+    """torch.compile(fn) on CUDA; on CPU skipped as unavailable unless inside `compile_on_cpu()`."""
+    if device.type != "cuda" and not _compile_on_cpu:
         raise Unavailable("torch.compile is measured on GPU runs only")
     return torch.compile(fn, dynamic=False)
 
@@ -171,6 +191,73 @@ def build_mode(forward: Callable[[], Any], mode: str) -> Callable[[], Any]:
     return lambda: torch.autograd.backward(outs, grads, retain_graph=True)
 
 
+def run_once(
+    bench: Benchmark, provider: str, shape: dict, device: torch.device, dtype: torch.dtype, seed: int = 0
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | str]:
+    """One forward and backward of `provider` on inputs drawn from `seed` and output gradients drawn
+    from seed + 1, so every provider sees the same numbers: (outputs, gradients of the inputs that
+    require them), detached; the gradients are the backward's error message where it raised."""
+    torch.manual_seed(seed)
+    inputs = bench.make_inputs(shape, device, dtype)
+    leaves = [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+    try:
+        outs = _as_tuple(bench.providers[provider](inputs, shape)())
+    except Unavailable:
+        raise
+    except Exception as e:
+        if not leaves:
+            raise
+        # A forward that refuses inputs requiring grad (FlexAttention on CPU) is checked without them.
+        for t in leaves:
+            t.requires_grad_(False)
+        out = bench.providers[provider](inputs, shape)()
+        outs = out if isinstance(out, tuple | list) else (out,)
+        return [o.detach() for o in outs], f"{type(e).__name__}: {e}".splitlines()[0][:200]
+    gen = torch.Generator(device).manual_seed(seed + 1)
+    grads = [torch.randn(o.shape, generator=gen, device=o.device, dtype=o.dtype) for o in outs]
+    detached = [o.detach() for o in outs]
+    try:
+        torch.autograd.backward(outs, grads)
+    except Exception as e:  # noqa: BLE001 - reported, like the forward above
+        return detached, f"{type(e).__name__}: {e}".splitlines()[0][:200]
+    return detached, [t.grad for t in leaves]
+
+
+def rel_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    """The largest ||got - want|| / ||want|| over matching tensors (inf where shapes or counts differ)."""
+    if len(got) != len(want) or any(g is None or g.shape != w.shape for g, w in zip(got, want)):
+        return float("inf")
+    err = 0.0
+    for g, w in zip(got, want):
+        g, w = g.double(), w.double()
+        err = max(err, float((g - w).norm() / w.norm().clamp_min(1e-30)))
+    return err
+
+
+def agreement(
+    bench: Benchmark, shape: dict, device: torch.device, dtype: torch.dtype, providers: list[str]
+) -> dict[str, dict[str, Any]]:
+    """How far each provider's outputs and input gradients are from llama3hp's on the same inputs:
+    {provider: {"out": rel. error, "grads": rel. error or the backward's error message}}; providers
+    that are unavailable or fail their forward are left out (the timing rows say why)."""
+    ref_out, ref_grads = run_once(bench, OURS, shape, device, dtype)
+    result = {}
+    for provider in providers:
+        if provider == OURS:
+            continue
+        try:
+            out, grads = run_once(bench, provider, shape, device, dtype)
+        except Exception:  # noqa: BLE001 - Unavailable or broken: the timing rows report it
+            continue
+        result[provider] = {
+            "out": rel_error(out, ref_out),
+            "grads": grads
+            if isinstance(grads, str) or isinstance(ref_grads, str)
+            else rel_error(grads, ref_grads),
+        }
+    return result
+
+
 def _peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -219,6 +306,12 @@ def run_benchmark(
     env = environment(device, quick)
     rows = []
     for shape in bench.quick_shapes if quick else bench.shapes:
+        agree = {}
+        if OURS in bench.providers and not quick:  # peers must compute what we compute to be compared
+            try:
+                agree = agreement(bench, shape, device, dtype, names)
+            except Exception as e:  # noqa: BLE001 - our own provider failed: its timing rows say how
+                log(f"{bench.name} {shape_str(shape)}: no agreement check ({type(e).__name__}: {e})")
         for provider in names:
             for mode in modes or bench.modes:
                 row = {"bench": bench.name, "provider": provider, "mode": mode, "shape": shape}
@@ -229,6 +322,8 @@ def run_benchmark(
                     row["skipped"] = str(e)
                 except Exception as e:  # noqa: BLE001 - a failing peer must not abort the others
                     row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                if provider in agree:
+                    row["rel_err_vs_ours"] = agree[provider]
                 rows.append(row)
                 log(row_line(row))
                 if device.type == "cuda":
@@ -314,7 +409,19 @@ def markdown_table(bench: Benchmark, rows: list[dict], peaks: dict[str, float]) 
              for r in rows if "ms" not in r]  # fmt: skip
     notes = ["", "Not measured:", *dict.fromkeys(notes)] if notes else []
     extra = ["", *[f"- {n}" for n in bench.notes]] if bench.notes else []
-    return "\n".join(header + lines + notes + extra) + "\n"
+    return "\n".join(header + lines + notes + agreement_lines(rows) + extra) + "\n"
+
+
+def agreement_lines(rows: list[dict]) -> list[str]:
+    """Markdown for the agreement check: each peer's relative error against llama3hp, per shape."""
+    fmt = lambda e: e if isinstance(e, str) else f"{e:.1e}"
+    seen = {(r["shape_str"], r["provider"]): r["rel_err_vs_ours"] for r in rows if "rel_err_vs_ours" in r}
+    if not seen:
+        return []
+    lines = ["", f"Agreement with {OURS} (same inputs and output gradients; relative error):", ""]
+    lines += ["| shape | provider | outputs | input gradients |", "|---|---|---|---|"]
+    lines += [f"| {shape} | {p} | {fmt(e['out'])} | {fmt(e['grads'])} |" for (shape, p), e in seen.items()]
+    return lines
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -1,7 +1,10 @@
 """The benchmark harness end to end: `run_all --quick` on CPU writes well-formed JSON rows and tables."""
 
+import dataclasses
+import importlib
 import json
 
+import pytest
 import torch
 
 from benchmarks import harness, run_all
@@ -64,3 +67,46 @@ def test_markdown_has_target_ratio_columns():
     table = harness.markdown_table(bench, rows, {"copy_gbps": 1.0, "matmul_tflops": 1.0})
     line = [ln for ln in table.splitlines() if ln.startswith("| n=1")][0]
     assert "3.00x" in line and "1.50x" in line and "10%" in line and "90%" in line
+    assert "Agreement" not in table
+    rows[2]["rel_err_vs_ours"] = {"out": 3.1e-3, "grads": "NotImplementedError: no backward"}
+    table = harness.markdown_table(bench, rows, {"copy_gbps": 1.0, "matmul_tflops": 1.0})
+    assert "| n=1 | liger | 3.1e-03 | NotImplementedError: no backward |" in table
+
+
+# A peer that computes something else (another RoPE layout, another loss reduction, a different mask)
+# would make every speedup in the tables meaningless. Each benchmark's providers, torch.compile ones
+# included, run once on CPU on the same inputs and output gradients and must match llama3hp; the
+# GPU runs record the same check in their rows (`rel_err_vs_ours`).
+AGREEMENT_TOL = {("fp8_linear", "torch"): 0.08}  # the bf16 baseline against FP8: E4M3's few percent
+CPU_BACKWARD_GAPS = ("does not support backward on CPU",)  # FlexAttention's backward is GPU-only
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["rmsnorm", "rope", "swiglu", "cross_entropy", "attention", "fp8_linear"])
+def test_every_provider_computes_what_llama3hp_computes(name):
+    bench = importlib.import_module(f"benchmarks.bench_{name}").BENCH
+    checked = set()
+    with harness.compile_on_cpu():
+        for shape in bench.quick_shapes:
+            agree = harness.agreement(bench, shape, torch.device("cpu"), torch.float32, list(bench.providers))
+            for provider, err in agree.items():
+                tol = AGREEMENT_TOL.get((name, provider), 2e-5)
+                assert err["out"] <= tol, (shape, provider, err)
+                if isinstance(err["grads"], str):
+                    assert any(gap in err["grads"] for gap in CPU_BACKWARD_GAPS), (shape, provider, err)
+                else:
+                    assert err["grads"] <= tol, (shape, provider, err)
+                checked.add(provider)
+    assert "torch" in checked  # the eager reference always runs on CPU
+    if name != "fp8_linear":  # its peers are FP8 variants (GPU-only) and bf16 torch.mm
+        assert any("compile" in p or p == "flex" for p in checked), checked
+
+
+def test_agreement_catches_a_peer_that_computes_something_else():
+    bench = importlib.import_module("benchmarks.bench_swiglu").BENCH
+    wrong = dict(bench.providers, wrong=lambda inp, shape: lambda: inp["gate"] * inp["up"])
+    agree = harness.agreement(
+        dataclasses.replace(bench, providers=wrong), bench.quick_shapes[0], torch.device("cpu"),
+        torch.float32, ["torch", "wrong"],
+    )  # fmt: skip
+    assert agree["torch"]["out"] < 1e-6 and agree["wrong"]["out"] > 0.1 and agree["wrong"]["grads"] > 0.1
