@@ -108,7 +108,8 @@ def _launch_config(v: int) -> tuple[int, int, int]:
     return block_r, block_v, (4 if tile <= 2048 else 8 if tile <= 8192 else 16)
 
 
-def _chunk_rows(n: int, v: int, itemsize: int, chunk_bytes: int) -> int:
+def chunk_rows(n: int, v: int, itemsize: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Rows per chunk of n so that one chunk's [rows, v] logits of `itemsize` bytes fit `chunk_bytes`."""
     rows = max(1, chunk_bytes // (v * itemsize))
     if rows >= 256:
         rows -= rows % 256  # whole GEMM tiles
@@ -128,7 +129,7 @@ def _fp32_out_addmm_ok(device_type: str, dtype: torch.dtype) -> bool:
     return torch.allclose(acc, 1.0 + a.float() @ b.float(), rtol=1e-2, atol=1e-2)
 
 
-def _accumulate_grad_weight(gw32: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor) -> None:
+def accumulate_grad_weight(gw32: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor) -> None:
     """gw32 [V, D] fp32 += dlogits.T [V, C] @ h [C, D], the product summed in fp32."""
     if dlogits.dtype == torch.float32:
         gw32.addmm_(dlogits.T, h)
@@ -161,8 +162,48 @@ def _run_chunks(hidden, weight, targets, *, ignore_index, z_loss_scale, chunk_ro
         if need_gh:
             torch.mm(logits, weight, out=gh[s:e])
         if need_gw:
-            _accumulate_grad_weight(gw32, logits, h)
+            accumulate_grad_weight(gw32, logits, h)
     return gh, gw32
+
+
+def logits_lse(logits: torch.Tensor, *, fused: bool) -> torch.Tensor:
+    """fp32 logsumexp [C] of a chunk of logits [C, V] (a vocabulary shard's under TP): the fused kernel's
+    first pass when `fused`, else torch."""
+    if not fused:
+        return torch.logsumexp(logits.float(), dim=-1)
+    C, V = logits.shape
+    lse = torch.empty(C, dtype=torch.float32, device=logits.device)
+    loss = torch.empty_like(lse)  # written by the kernel, unused: targets are all ignored here
+    ignored = torch.full((C,), -1, dtype=torch.int64, device=logits.device)
+    block_r, block_v, warps = _launch_config(V)
+    _cross_entropy_fwd_kernel[((C + block_r - 1) // block_r,)](
+        logits, logits.stride(0), ignored, loss, lse, lse, 0, C, V, -1, 0.0,
+        COMPUTE_GRAD=False, HAS_LSE=False, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps,
+    )  # fmt: skip
+    return lse
+
+
+def logits_grad_(
+    logits: torch.Tensor, targets, lse, scale, *, ignore_index: int, z_loss_scale: float, fused: bool
+) -> torch.Tensor:
+    """dloss/dlogits [C, V] of a chunk of logits given its logsumexp lse [C] (under TP the GLOBAL one,
+    over every shard) and a per-row scale [C]; a target outside [0, V) (under TP: another shard's)
+    matches no column, ignore_index rows get 0. Overwrites and returns `logits` when fused (the kernel's second
+    pass), else a new tensor in logits' dtype."""
+    if fused:
+        C, V = logits.shape
+        block_r, block_v, warps = _launch_config(V)
+        _cross_entropy_fwd_kernel[((C + block_r - 1) // block_r,)](
+            logits, logits.stride(0), targets, lse, lse, scale, 1, C, V, ignore_index, z_loss_scale,
+            COMPUTE_GRAD=True, HAS_LSE=True, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps,
+        )  # fmt: skip
+        return logits
+    valid = targets != ignore_index
+    row = torch.where(valid, scale, 0.0)
+    d = torch.exp(logits.float() - lse[:, None]) * (row * (1.0 + 2.0 * z_loss_scale * lse))[:, None]
+    hit = valid & (targets >= 0) & (targets < logits.shape[1])
+    d[hit, targets[hit]] -= row[hit]
+    return d.to(logits.dtype)
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -312,7 +353,7 @@ def linear_cross_entropy(
             raise ValueError(
                 f"targets must lie in [0, {v}) or equal ignore_index={ignore_index}, got {targets[bad][0].item()}"
             )
-    rows = chunk_size or _chunk_rows(n, v, mm_dtype.itemsize, chunk_bytes)
+    rows = chunk_size or chunk_rows(n, v, mm_dtype.itemsize, chunk_bytes)
     grad = torch.is_grad_enabled()
     return LinearCrossEntropyFunction.apply(
         hidden.contiguous(), weight.contiguous(), targets.contiguous(), ignore_index, reduction, float(z_loss_scale),

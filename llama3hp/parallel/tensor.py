@@ -31,13 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import llama3hp.kernels as K
-from llama3hp.kernels.cross_entropy import (
-    DEFAULT_CHUNK_BYTES,
-    _accumulate_grad_weight,
-    _chunk_rows,
-    _cross_entropy_fwd_kernel,
-    _launch_config,
-)
+from llama3hp.kernels.cross_entropy import accumulate_grad_weight, chunk_rows, logits_grad_, logits_lse
 from llama3hp.kernels.dispatch import autocast_off, matmul_dtype, use_triton
 from llama3hp.model.llama import groupable, grouped_linears
 from llama3hp.parallel.comm import (
@@ -306,7 +300,7 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
         for s in range(0, N, chunk_rows):
             e = min(s + chunk_rows, N)
             logits = h[s:e] @ weight.T  # [C, V_l], the only logits ever held
-            lse_l[s:e] = _shard_lse(logits, fused)
+            lse_l[s:e] = logits_lse(logits, fused=fused)
             t_logit[s:e] = torch.where(on_shard[s:e], logits.gather(1, idx[s:e, None])[:, 0].float(), 0.0)
         # Combine the shards' logsumexps: lse = M + log(sum_r exp(lse_r - M)), M the max over TP.
         m = lse_l.clone()
@@ -337,45 +331,18 @@ class VocabParallelLinearCrossEntropy(torch.autograd.Function):
         for s in range(0, N, chunk_rows):
             e = min(s + chunk_rows, N)
             logits = h[s:e] @ weight.T
-            d = _shard_dlogits(logits, grad_t[s:e], lse[s:e], scale[s:e], ignore_index, z, fused)
+            d = logits_grad_(
+                logits,
+                grad_t[s:e],
+                lse[s:e],
+                scale[s:e],
+                ignore_index=ignore_index,
+                z_loss_scale=z,
+                fused=fused,
+            )
             torch.mm(d, weight, out=dh[s:e])
-            _accumulate_grad_weight(dw, d, h[s:e])
+            accumulate_grad_weight(dw, d, h[s:e])
         return dh.to(h_in.dtype), dw.to(weight_in.dtype), *(None,) * 9
-
-
-def _shard_lse(logits: torch.Tensor, fused: bool) -> torch.Tensor:
-    """fp32 logsumexp [C] of one chunk of shard logits [C, V_l]."""
-    if not fused:
-        return torch.logsumexp(logits.float(), dim=-1)
-    C, Vl = logits.shape
-    lse = torch.empty(C, dtype=torch.float32, device=logits.device)
-    loss = torch.empty_like(lse)  # written by the kernel, unused: targets are all ignored here
-    ignored = torch.full((C,), -1, dtype=torch.int64, device=logits.device)
-    block_r, block_v, warps = _launch_config(Vl)
-    _cross_entropy_fwd_kernel[((C + block_r - 1) // block_r,)](
-        logits, logits.stride(0), ignored, loss, lse, lse, 0, C, Vl, -1, 0.0,
-        COMPUTE_GRAD=False, HAS_LSE=False, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps,
-    )  # fmt: skip
-    return lse
-
-
-def _shard_dlogits(logits, targets, lse, scale, ignore_index: int, z: float, fused: bool) -> torch.Tensor:
-    """dloss/dlogits [C, V_l] of one chunk given the GLOBAL lse [C] and per-row scale [C]; targets are
-    shard-local (V_l when off-shard, ignore_index when ignored). Overwrites `logits` when fused."""
-    if fused:
-        C, Vl = logits.shape
-        block_r, block_v, warps = _launch_config(Vl)
-        _cross_entropy_fwd_kernel[((C + block_r - 1) // block_r,)](
-            logits, logits.stride(0), targets, lse, lse, scale, 1, C, Vl, ignore_index, z,
-            COMPUTE_GRAD=True, HAS_LSE=True, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps,
-        )  # fmt: skip
-        return logits
-    valid = targets != ignore_index
-    row = torch.where(valid, scale, 0.0)
-    d = torch.exp(logits.float() - lse[:, None]) * (row * (1.0 + 2.0 * z * lse))[:, None]
-    hit = valid & (targets < logits.shape[1])
-    d[hit, targets[hit]] -= row[hit]
-    return d.to(logits.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -628,7 +595,7 @@ def compute_loss(
         dt = matmul_dtype(h)
         x = tp.gather(h.to(dt))  # under autocast the gather moves the GEMM's bf16 rows
         x = x.reshape(-1, x.shape[-1]).contiguous()
-        rows = _chunk_rows(x.shape[0], w.shape[0], dt.itemsize, DEFAULT_CHUNK_BYTES)
+        rows = chunk_rows(x.shape[0], w.shape[0], dt.itemsize)
         loss = VocabParallelLinearCrossEntropy.apply(
             x, w, targets.reshape(-1), tp.rank * w.shape[0], tp.group, ignore_index, float(z_loss_scale),
             rows, use_triton(backend, x, w), dt,

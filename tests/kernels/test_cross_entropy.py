@@ -91,7 +91,7 @@ def test_default_chunking_and_one_chunk_equal_many_chunks():
     torch.testing.assert_close(l1, l2, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-7)
-    assert ce._chunk_rows(16384, 128256, 2, ce.DEFAULT_CHUNK_BYTES) == 1024
+    assert ce.chunk_rows(16384, 128256, 2, ce.DEFAULT_CHUNK_BYTES) == 1024
 
 
 def test_all_targets_ignored_gives_zero_loss_and_gradients():

@@ -223,11 +223,11 @@ def test_chunked_vocab_parallel_loss_matches_reference(fused):
 def test_vocab_parallel_loss_shards_combine_like_the_whole_vocabulary():
     # two vocabulary shards computed separately and combined by hand as the all-reduces would:
     # max of the shard lse, sum of exp, target logit from the owning shard
-    from llama3hp.parallel.tensor import _shard_lse
+    from llama3hp.kernels.cross_entropy import logits_lse
 
     N, D, V = 7, 8, 24
     h, w = torch.randn(N, D), torch.randn(V, D)
-    parts = [_shard_lse(h @ w[s : s + V // 2].T, fused=False) for s in (0, V // 2)]
+    parts = [logits_lse(h @ w[s : s + V // 2].T, fused=False) for s in (0, V // 2)]
     m = torch.maximum(*parts)
     lse = m + torch.log(sum(torch.exp(p - m) for p in parts))
     torch.testing.assert_close(lse, torch.logsumexp(h @ w.T, dim=-1))
