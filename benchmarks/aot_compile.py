@@ -200,9 +200,13 @@ def scenarios(quick: bool) -> list[tuple[str, Callable[[], None]]]:
 
         return go
 
-    def swiglu(ffn):
+    def swiglu(ffn, packed=False):
+        # packed: the model's path, [gate | up] rows of the grouped w1/w3 GEMM read through a row stride
         def go():
-            K.swiglu(leaf(8, ffn), leaf(8, ffn), backend="triton").float().sum().backward()
+            if packed:
+                K.swiglu_packed(leaf(8, 2 * ffn), backend="triton").float().sum().backward()
+            else:
+                K.swiglu(leaf(8, ffn), leaf(8, ffn), backend="triton").float().sum().backward()
 
         return go
 
@@ -263,6 +267,7 @@ def scenarios(quick: bool) -> list[tuple[str, Callable[[], None]]]:
         ("block norms under autocast 4096", block_norms(4096)),
         ("rope 32q/8kv hd128", rope(32, 8, 128)),
         ("swiglu 14336", swiglu(14336)),
+        ("swiglu packed 14336 (model)", swiglu(14336, packed=True)),
         ("fused linear CE vocab 128256", cross_entropy(128256, 0.0)),
         ("attention hd128 GQA 4", attention(128, 8, 2, False)),
         ("attention hd128 GQA 4, deterministic", attention(128, 8, 2, True)),
@@ -279,6 +284,7 @@ def scenarios(quick: bool) -> list[tuple[str, Callable[[], None]]]:
             ("rope 64q/8kv hd128", rope(64, 8, 128)),
             ("rope 16q/4kv hd64", rope(16, 4, 64)),
             ("swiglu 28672", swiglu(28672)),
+            ("swiglu packed 3584 (8B at TP4)", swiglu(3584, packed=True)),
             ("fused linear CE vocab 16032 (TP8 shard), z-loss", cross_entropy(16032, 1e-4)),
             ("attention hd128 GQA 16", attention(128, 16, 1, False)),
             ("attention hd64 GQA 4", attention(64, 8, 2, False)),

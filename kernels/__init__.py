@@ -27,7 +27,7 @@ from llama3hp.kernels.fp8_quant import (
 )
 from llama3hp.kernels.rmsnorm import rms_norm, rms_norm_ref, rms_norm_residual, rms_norm_residual_ref
 from llama3hp.kernels.rope import apply_rope, apply_rope_ref
-from llama3hp.kernels.swiglu import swiglu, swiglu_ref
+from llama3hp.kernels.swiglu import swiglu, swiglu_packed, swiglu_packed_ref, swiglu_ref
 
 __all__ = [
     "BACKENDS",
@@ -57,6 +57,8 @@ __all__ = [
     "rms_norm_residual_ref",
     "scaled_mm_rowwise",
     "swiglu",
+    "swiglu_packed",
+    "swiglu_packed_ref",
     "swiglu_ref",
     "triton_available",
     "use_triton",

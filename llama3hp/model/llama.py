@@ -43,7 +43,7 @@ class RMSNorm(nn.Module):
 
 
 def groupable(linears: list[nn.Module]) -> bool:
-    """Whether `grouped_linears` runs these as one GEMM: two or more bias-free linears, all plain
+    """Whether `grouped_linear` can run these as one GEMM: two or more bias-free linears, all plain
     nn.Linear or all Fp8Linear with one FP8 config (not TE modules, not a mix)."""
     first = linears[0]
     kind = type(first)
@@ -56,27 +56,33 @@ def groupable(linears: list[nn.Module]) -> bool:
     return kind is Fp8Linear and all(lin.fp8_config == first.fp8_config for lin in linears)
 
 
-def grouped_linears(x: torch.Tensor, linears: list[nn.Module]) -> list[torch.Tensor]:
-    """[lin(x) for lin in linears] as ONE GEMM over their concatenated weights where they allow it.
+def grouped_linear(x: torch.Tensor, linears: list[nn.Module]) -> torch.Tensor:
+    """The linears of x as ONE GEMM over their concatenated weights: [..., sum of their outputs], each
+    linear's outputs in order (under TP: the local shards'). The linears must be `groupable`.
 
     Attention's q, k and v projections read the same x: one GEMM with N = (H + 2 Hk) Dh instead of
-    three (the k/v ones are narrow: N = 512 on the 1B) runs the tensor cores fuller, and the backward's
-    three input-gradient GEMMs and their sum become one GEMM. See `groupable`: plain linears get their
-    weights cast to the matmul dtype, then concatenated; FP8 linears quantize x once instead of once
-    per linear (the weights' per-output-channel scales are the same as separately; the input
-    gradient's per-token scales span all the outputs). Otherwise one linear at a time. Parameters are
-    untouched; the TP paths group the same projections (`TPComm.column(..., grouped=True)`).
+    three (the k/v ones are narrow: N = 512 on the 1B), and the backward's three input-gradient GEMMs
+    and their sum become one GEMM; likewise the FFN's w1 and w3, whose output `swiglu_packed` takes
+    whole. Plain linears get their weights cast to the matmul dtype, then concatenated; FP8 linears
+    quantize x once instead of once per linear (the weights' per-output-channel scales are the same as
+    separately; the input gradient's per-token scales span all the outputs). Parameters are untouched;
+    the TP paths group the same projections (`TPComm.column_grouped`).
     """
-    if not groupable(linears):
-        return [lin(x) for lin in linears]
     if type(linears[0]) is nn.Linear:
         dt = matmul_dtype(x)
-        y = F.linear(x.to(dt), torch.cat([lin.weight.to(dt) for lin in linears]))
-    else:
-        from llama3hp.fp8.linear import fp8_linear
+        return F.linear(x.to(dt), torch.cat([lin.weight.to(dt) for lin in linears]))
+    from llama3hp.fp8.linear import fp8_linear
 
-        y = fp8_linear(x, torch.cat([lin.weight for lin in linears]), None, linears[0].fp8_config)
-    return list(y.split([lin.weight.shape[0] for lin in linears], dim=-1))  # TP shards: local rows
+    return fp8_linear(x, torch.cat([lin.weight for lin in linears]), None, linears[0].fp8_config)
+
+
+def grouped_linears(x: torch.Tensor, linears: list[nn.Module]) -> list[torch.Tensor]:
+    """[lin(x) for lin in linears], as one `grouped_linear` GEMM split by output where they are
+    `groupable`, else one linear at a time."""
+    if not groupable(linears):
+        return [lin(x) for lin in linears]
+    y = grouped_linear(x, linears)
+    return list(y.split([lin.weight.shape[0] for lin in linears], dim=-1))
 
 
 class Attention(nn.Module):
@@ -110,7 +116,8 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU FFN: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU FFN: w2(silu(w1 x) * w3 x), with w1 and w3 as one GEMM whose [gate | up] rows the SwiGLU
+    kernel reads in place where they are groupable."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -120,6 +127,8 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if groupable([self.w1, self.w3]):
+            return self.w2(K.swiglu_packed(grouped_linear(x, [self.w1, self.w3]), backend=self.backend))
         return self.w2(K.swiglu(self.w1(x), self.w3(x), backend=self.backend))
 
 

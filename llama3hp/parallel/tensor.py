@@ -33,7 +33,7 @@ from torch import nn
 import llama3hp.kernels as K
 from llama3hp.kernels.cross_entropy import accumulate_grad_weight, chunk_rows, logits_grad_, logits_lse
 from llama3hp.kernels.dispatch import autocast_off, matmul_dtype, use_triton
-from llama3hp.model.llama import groupable, grouped_linears
+from llama3hp.model.llama import groupable, grouped_linear
 from llama3hp.parallel.comm import (
     all_gather_dim,
     all_gather_single,
@@ -419,30 +419,38 @@ class TPComm:
     def column(self, x: torch.Tensor, linears: list[Linear], grouped: bool = False) -> list[torch.Tensor]:
         """x: [B, S, D] (SP shard) or [B, T, D] (replicated); linears with weights [O_k, D] -> [B, T, O_k] each.
 
-        grouped: run the linears as one GEMM over their concatenated local weights where they allow it
-        (`llama3hp.model.llama.grouped_linears`, which the one-process model uses for q/k/v), so every
-        layout computes what one process does, FP8 scales included."""
-        calls = (
-            (lambda t: grouped_linears(t, linears))
-            if grouped
-            else (lambda t: [_call(lin, t) for lin in linears])
-        )
+        grouped: run the linears as one GEMM (`column_grouped`) where they are `groupable`, as the
+        one-process model does for q/k/v, so every layout computes what one process does, FP8 scales
+        included."""
+        if grouped and groupable(linears):
+            y = self.column_grouped(x, linears)
+            return list(y.split([_weight(lin).shape[0] for lin in linears], dim=-1))
         if self.size == 1:
-            return calls(x)
+            return [_call(lin, x) for lin in linears]
         if not self.sequence_parallel:
-            return calls(CopyToTP.apply(x, self.group))
+            x = CopyToTP.apply(x, self.group)
+            return [_call(lin, x) for lin in linears]
         if self.overlap:
             dt = matmul_dtype(x)
-            if grouped and groupable(linears):
-                w = torch.cat([_weight(lin) for lin in linears])  # grads flow back to each weight
-                (y,) = AllGatherMatmul.apply(
-                    x.to(dt), self.group, self.chunks, (gemms_for(linears[0]),), dt, w
-                )
-                return list(y.split([_weight(lin).shape[0] for lin in linears], dim=-1))
             gemms = tuple(gemms_for(lin) for lin in linears)
             weights = [_weight(lin) for lin in linears]
             return list(AllGatherMatmul.apply(x.to(dt), self.group, self.chunks, gemms, dt, *weights))
-        return calls(GatherFromSP.apply(x, self.group))
+        x = GatherFromSP.apply(x, self.group)
+        return [_call(lin, x) for lin in linears]
+
+    def column_grouped(self, x: torch.Tensor, linears: list[Linear]) -> torch.Tensor:
+        """`llama3hp.model.llama.grouped_linear` over the local shards of `groupable` column linears:
+        x [B, S, D] (SP shard) or [B, T, D] -> [B, T, sum of O_k], each linear's local outputs in order."""
+        if self.size == 1:
+            return grouped_linear(x, linears)
+        if not self.sequence_parallel:
+            return grouped_linear(CopyToTP.apply(x, self.group), linears)
+        if self.overlap:
+            dt = matmul_dtype(x)
+            w = torch.cat([_weight(lin) for lin in linears])  # grads flow back to each weight
+            (y,) = AllGatherMatmul.apply(x.to(dt), self.group, self.chunks, (gemms_for(linears[0]),), dt, w)
+            return y
+        return grouped_linear(GatherFromSP.apply(x, self.group), linears)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, S, D] (SP shard) or [B, T, D] -> [B, T, D] on every TP rank; backward sums the
@@ -515,7 +523,8 @@ class ParallelAttention(nn.Module):
 
 
 class ParallelFeedForward(nn.Module):
-    """SwiGLU with w1/w3 column-parallel and w2 row-parallel."""
+    """SwiGLU with w1/w3 column-parallel (one grouped GEMM over their local shards where they are
+    groupable, as in the one-process model) and w2 row-parallel."""
 
     def __init__(self, ffn: nn.Module, tp: TPComm):
         super().__init__()
@@ -523,8 +532,11 @@ class ParallelFeedForward(nn.Module):
         self.backend, self.tp = ffn.backend, tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.tp.column(x, [self.w1, self.w3])
-        return self.tp.row(K.swiglu(gate, up, backend=self.backend), self.w2)
+        if groupable([self.w1, self.w3]):
+            h = K.swiglu_packed(self.tp.column_grouped(x, [self.w1, self.w3]), backend=self.backend)
+        else:
+            h = K.swiglu(*self.tp.column(x, [self.w1, self.w3]), backend=self.backend)
+        return self.tp.row(h, self.w2)
 
 
 def _shard(p: torch.Tensor, dim: int, tp: TPComm) -> nn.Parameter:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from kernel_checks import assert_close_to_ref
 
-from llama3hp.kernels.swiglu import BLOCK_SIZE, swiglu, swiglu_ref
+from llama3hp.kernels.swiglu import MAX_BLOCK_F, swiglu, swiglu_packed, swiglu_packed_ref, swiglu_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Element counts not multiples of the block; one spans several blocks.
@@ -36,8 +36,8 @@ def test_swiglu_matches_float64_reference(shape, dtype):
 
 
 def test_swiglu_block_tail_and_extreme_gates():
-    # One element past a whole block; gates far in both tails of the sigmoid.
-    n = BLOCK_SIZE + 1
+    # One column past a whole block; gates far in both tails of the sigmoid.
+    n = MAX_BLOCK_F + 1
     gate = torch.linspace(-120.0, 120.0, n).requires_grad_()
     up = torch.randn(n).requires_grad_()
     out = swiglu(gate, up, backend="triton")
@@ -50,11 +50,54 @@ def test_swiglu_block_tail_and_extreme_gates():
 
 
 def test_swiglu_strided_halves_of_fused_projection():
+    # The halves are read in place through their row stride, not copied.
     w13 = torch.randn(10, 2 * 48, requires_grad=True)
     gate, up = w13.chunk(2, dim=-1)
-    got = torch.autograd.grad(swiglu(gate, up, backend="triton").sum(), w13)[0]
-    want = torch.autograd.grad(swiglu_ref(gate, up).sum(), w13)[0]
+    out = swiglu(gate, up, backend="triton")
+    got = torch.autograd.grad((out * out).sum(), w13)[0]
+    want = torch.autograd.grad((swiglu_ref(gate, up) ** 2).sum(), w13)[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _packed64(x):
+    g, u = x.double().chunk(2, dim=-1)
+    return g * torch.sigmoid(g) * u
+
+
+def _run_packed(fn, x, dout, dtype):
+    xd = x.to(dtype).requires_grad_()
+    out = fn(xd)
+    return out, torch.autograd.grad((out.double() * dout.double()).sum(), xd)[0]
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_swiglu_packed_matches_float64_reference(shape, dtype):
+    # x = [gate | up] per row, as the grouped w1/w3 GEMM writes it; one [..., 2F] gradient back.
+    x = torch.cat([torch.randn(shape) * 3, torch.randn(shape)], dim=-1)
+    dout = torch.randn(shape)
+    got = _run_packed(lambda t: swiglu_packed(t, backend="triton"), x, dout, dtype)
+    want = _run_packed(_packed64, x, dout, torch.float64)
+    base = _run_packed(swiglu_packed_ref, x, dout, dtype)
+    for name, a, b64, bt in zip(["out", "dx"], got, want, base):
+        assert a.dtype == dtype and a.shape == b64.shape
+        assert_close_to_ref(a, b64, bt, name=name)
+
+
+def test_swiglu_packed_reads_padded_rows_and_odd_widths_fail():
+    # Rows with a stride past 2F (a slice of a wider buffer), a width over one block, [B, T, 2F].
+    n = MAX_BLOCK_F + 3
+    wide = torch.randn(2, 3, 2 * n + 5)
+    x = wide[..., : 2 * n].requires_grad_()
+    out = swiglu_packed(x, backend="triton")
+    ref = swiglu_packed_ref(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, x, dout)[0]
+    torch.testing.assert_close(got, torch.autograd.grad(ref, x, dout)[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"\[\.\.\., 2F\]"):
+        swiglu_packed(torch.randn(4, 7), backend="triton")
 
 
 def test_swiglu_rejects_mismatched_inputs():

@@ -275,3 +275,42 @@ def test_linears_that_cannot_be_grouped_run_one_at_a_time():
     for lins in (mixed, biased):
         for a, b in zip(grouped_linears(x, lins), [lin(x) for lin in lins]):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fp8", [None, "emulated"])
+@pytest.mark.parametrize("swiglu", ["torch", "triton"])
+def test_ffn_runs_w1_and_w3_as_one_gemm_like_separate_linears(fp8, swiglu):
+    """The FFN's w1/w3 as one grouped GEMM whose [gate | up] rows SwiGLU reads whole: the output and
+    the weight gradients of w2(swiglu(w1 x, w3 x)) with separate linears; the input gradient too
+    (plain), or, FP8, within FP8 tolerance of it (its per-token dy scales span gate and up)."""
+    from llama3hp.fp8 import Fp8Config, Fp8Linear
+    from llama3hp.kernels import swiglu as swiglu_fn
+    from llama3hp.model.llama import FeedForward
+
+    args = small_args(ffn_dim_multiplier=None)
+    args.kernels.swiglu = swiglu
+    ffn = FeedForward(args)
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for lin in (ffn.w1, ffn.w2, ffn.w3):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.2)
+    if fp8:
+        for name in ("w1", "w2", "w3"):
+            setattr(ffn, name, Fp8Linear.from_linear(getattr(ffn, name), Fp8Config(recipe=fp8)))
+    x = torch.randn(2, 7, args.dim, generator=g)
+    dy = torch.randn(2, 7, args.dim, generator=g)
+
+    def run(forward):
+        xr = x.clone().requires_grad_(True)
+        (forward(xr) * dy).sum().backward()
+        grads = [xr.grad] + [getattr(ffn, n).weight.grad for n in ("w1", "w2", "w3")]
+        ffn.zero_grad()
+        return grads
+
+    separate = lambda t: ffn.w2(swiglu_fn(ffn.w1(t), ffn.w3(t), backend=swiglu))
+    torch.testing.assert_close(ffn(x), separate(x), rtol=1e-5, atol=1e-6)
+    got, want = run(ffn), run(separate)
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    rel = ((got[0] - want[0]).norm() / want[0].norm()).item()
+    assert rel < (1e-6 if fp8 is None else 0.05), rel
