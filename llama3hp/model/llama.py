@@ -56,6 +56,25 @@ def groupable(linears: list[nn.Module]) -> bool:
     return kind is Fp8Linear and all(lin.fp8_config == first.fp8_config for lin in linears)
 
 
+class CatCast(torch.autograd.Function):
+    """torch.cat([w.to(dtype) for w in weights]) in one pass: each weight is cast straight into its rows
+    of the output, one read of the (fp32 master) weights and one write of the result instead of a cast
+    and then a copy. Backward hands each weight its rows of the gradient, cast to its dtype."""
+
+    @staticmethod
+    def forward(ctx, dtype, *weights):
+        rows = [w.shape[0] for w in weights]
+        out = torch.empty((sum(rows), *weights[0].shape[1:]), dtype=dtype, device=weights[0].device)
+        for piece, w in zip(out.split(rows), weights):
+            piece.copy_(w)
+        ctx.rows, ctx.dtypes = rows, [w.dtype for w in weights]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, *(g.to(dt) for g, dt in zip(grad.split(ctx.rows), ctx.dtypes))
+
+
 def grouped_linear(x: torch.Tensor, linears: list[nn.Module]) -> torch.Tensor:
     """The linears of x as ONE GEMM over their concatenated weights: [..., sum of their outputs], each
     linear's outputs in order (under TP: the local shards'). The linears must be `groupable`.
@@ -63,14 +82,14 @@ def grouped_linear(x: torch.Tensor, linears: list[nn.Module]) -> torch.Tensor:
     Attention's q, k and v projections read the same x: one GEMM with N = (H + 2 Hk) Dh instead of
     three (the k/v ones are narrow: N = 512 on the 1B), and the backward's three input-gradient GEMMs
     and their sum become one GEMM; likewise the FFN's w1 and w3, whose output `swiglu_packed` takes
-    whole. Plain linears get their weights cast to the matmul dtype, then concatenated; FP8 linears
-    quantize x once instead of once per linear (the weights' per-output-channel scales are the same as
-    separately; the input gradient's per-token scales span all the outputs). Parameters are untouched;
-    the TP paths group the same projections (`TPComm.column_grouped`).
+    whole. Plain linears get their weights cast to the matmul dtype and concatenated in one pass
+    (`CatCast`); FP8 linears quantize x once instead of once per linear (the weights' per-output-channel
+    scales are the same as separately; the input gradient's per-token scales span all the outputs).
+    Parameters are untouched; the TP paths group the same projections (`TPComm.column_grouped`).
     """
     if type(linears[0]) is nn.Linear:
         dt = matmul_dtype(x)
-        return F.linear(x.to(dt), torch.cat([lin.weight.to(dt) for lin in linears]))
+        return F.linear(x.to(dt), CatCast.apply(dt, *(lin.weight for lin in linears)))
     from llama3hp.fp8.linear import fp8_linear
 
     return fp8_linear(x, torch.cat([lin.weight for lin in linears]), None, linears[0].fp8_config)

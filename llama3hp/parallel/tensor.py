@@ -33,7 +33,7 @@ from torch import nn
 import llama3hp.kernels as K
 from llama3hp.kernels.cross_entropy import accumulate_grad_weight, chunk_rows, logits_grad_, logits_lse
 from llama3hp.kernels.dispatch import autocast_off, matmul_dtype, use_triton
-from llama3hp.model.llama import groupable, grouped_linear
+from llama3hp.model.llama import CatCast, groupable, grouped_linear
 from llama3hp.parallel.comm import (
     all_gather_dim,
     all_gather_single,
@@ -446,9 +446,11 @@ class TPComm:
         if not self.sequence_parallel:
             return grouped_linear(CopyToTP.apply(x, self.group), linears)
         if self.overlap:
-            dt = matmul_dtype(x)
-            w = torch.cat([_weight(lin) for lin in linears])  # grads flow back to each weight
-            (y,) = AllGatherMatmul.apply(x.to(dt), self.group, self.chunks, (gemms_for(linears[0]),), dt, w)
+            dt, gemms = matmul_dtype(x), gemms_for(linears[0])
+            weights = [_weight(lin) for lin in linears]  # grads flow back to each weight
+            # Plain GEMMs take the weights cast and concatenated in one pass; FP8 quantizes the masters.
+            w = CatCast.apply(dt, *weights) if gemms is PlainGemms else torch.cat(weights)
+            (y,) = AllGatherMatmul.apply(x.to(dt), self.group, self.chunks, (gemms,), dt, w)
             return y
         return grouped_linear(GatherFromSP.apply(x, self.group), linears)
 

@@ -314,3 +314,19 @@ def test_ffn_runs_w1_and_w3_as_one_gemm_like_separate_linears(fp8, swiglu):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     rel = ((got[0] - want[0]).norm() / want[0].norm()).item()
     assert rel < (1e-6 if fp8 is None else 0.05), rel
+
+
+def test_cat_cast_equals_cast_then_concatenate():
+    """The grouped GEMMs' weight operand: bit-identical to torch.cat of the casts, forward and backward
+    (each weight gets its rows of the gradient in its own dtype)."""
+    from llama3hp.model.llama import CatCast
+
+    g = torch.Generator().manual_seed(9)
+    ws = [torch.randn(n, 6, generator=g).requires_grad_() for n in (5, 3, 4)]
+    for dt in (torch.bfloat16, torch.float32):
+        out = CatCast.apply(dt, *ws)
+        ref = torch.cat([w.to(dt) for w in ws])
+        assert out.dtype == dt and torch.equal(out, ref)
+        dy = torch.randn(12, 6, generator=g).to(dt)
+        for a, b in zip(torch.autograd.grad(out, ws, dy), torch.autograd.grad(ref, ws, dy)):
+            assert a.dtype == torch.float32 and torch.equal(a, b)
