@@ -87,12 +87,24 @@ def test_toml_file_and_roundtrip(tmp_path):
         ("model.kernels.attention=cuda", "unknown kernel backend"),
         ("training.seq_len=100000", "exceeds model.max_seq_len"),
         ("nonsense", "write key=value"),
+        (
+            "training.activation_checkpointing=selective",
+            "training.activation_checkpointing must be one of none, full",
+        ),
+        ("training.activation_checkpointing_every=0", "activation_checkpointing_every must be >= 1"),
     ],
 )
 def test_bad_overrides_give_one_clear_line(override, message):
     with pytest.raises(ConfigError) as e:
         load_job_config("tiny", [override])
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_activation_checkpointing_is_refused_with_transformer_engine():
+    with pytest.raises(
+        ConfigError, match="not supported with Transformer Engine recipes; use fp8.recipe=rowwise"
+    ):
+        load_job_config("tiny", ["fp8.recipe=te_delayed", "training.activation_checkpointing=full"])
 
 
 def test_missing_and_bad_files(tmp_path):
@@ -147,6 +159,7 @@ def test_cluster_configs_carry_layouts_valid_for_their_world(name, world, layout
     from llama3hp.config import validate
     from llama3hp.parallel import resolve_dims, validate_layout
     from llama3hp.parallel.parallelize import check_schedule
+    from llama3hp.parallel.plan import plan
 
     job = load_job_config(name)
     cfg, t = job.parallel, job.training
@@ -159,6 +172,14 @@ def test_cluster_configs_carry_layouts_valid_for_their_world(name, world, layout
     if cfg.dp != -1 or dims.tp * dims.cp * dims.pp > 1:
         with pytest.raises(ValueError, match="world size"):  # one rank more does not fit the layout
             resolve_dims(cfg, world + 1)
+    # The step-time model's memory, with the config's activation checkpointing, fits an 80 GB H100
+    # with room for what it does not count (allocator slack, communication and loss-chunk buffers).
+    r = plan(
+        job.model_preset, dims.tp, dims.cp, dims.pp, dims.dp, t.seq_len, t.global_batch_rows,
+        micro_rows=t.micro_batch_rows, virtual=cfg.pp_virtual_stages, zero_stage=cfg.zero_stage,
+        checkpointing=t.activation_checkpointing, checkpoint_every=t.activation_checkpointing_every,
+    )  # fmt: skip
+    assert r.mem_total_gb <= 72, (name, r.mem_total_gb)
 
 
 def test_405b_128k_on_the_papers_16384_gpus_needs_dp8():

@@ -15,6 +15,7 @@ import zlib
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 import llama3hp.kernels as K
@@ -159,11 +160,38 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, args.kernels.rmsnorm)
         self.feed_forward = FeedForward(args)
+        self.checkpointed = False  # activation checkpointing: see set_activation_checkpointing
 
     def forward(self, x, positions, inv_freq, cu_seqlens, max_seqlen):
+        if self.checkpointed and torch.is_grad_enabled():
+            # Non-reentrant: backward re-runs _forward (under the autocast state of the forward) when
+            # it first needs a saved tensor; the block has no randomness, so no RNG state is stashed.
+            return torch.utils.checkpoint.checkpoint(
+                self._forward, x, positions, inv_freq, cu_seqlens, max_seqlen,
+                use_reentrant=False, preserve_rng_state=False,
+            )  # fmt: skip
+        return self._forward(x, positions, inv_freq, cu_seqlens, max_seqlen)
+
+    def _forward(self, x, positions, inv_freq, cu_seqlens, max_seqlen):
         a = self.attention(self.attention_norm(x), positions, inv_freq, cu_seqlens, max_seqlen)
         y, h = self.ffn_norm.add_and_norm(a, x)  # h = x + a, fused with the FFN's norm
         return h + self.feed_forward(y)
+
+
+def set_activation_checkpointing(models: nn.Module | list[nn.Module], every: int | None) -> int:
+    """Full activation checkpointing of every `every`-th block (layer_id % every == 0; None: off) in
+    `models` (a Transformer, or a pipeline rank's chunks): such a block keeps only its input for
+    backward, which recomputes its forward (about a third more block FLOPs). By layer id, so every
+    pipeline split of a model checkpoints the same blocks. Parameter names are unchanged. Returns
+    how many blocks are checkpointed."""
+    if every is not None and every < 1:
+        raise ValueError(f"activation checkpointing interval must be >= 1, got {every}")
+    n = 0
+    for model in models if isinstance(models, list | tuple) else [models]:
+        for block in model.layers.values():
+            block.checkpointed = every is not None and block.layer_id % every == 0
+            n += block.checkpointed
+    return n
 
 
 def document_positions(cu_seqlens: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:

@@ -11,10 +11,13 @@ Per GPU and per optimizer step:
   recompute-free backward), reduce-scatter of dK, dV backward, on the scale-out network. PP: one
   activation and one gradient per micro-batch and virtual stage boundary. DP: reduce-scatter of fp32
   gradients and all-gather of bf16 parameters over DP x CP, once per step, on the scale-out network.
-Memory: bf16 weights, fp32 gradient accumulators, fp32 master + Adam moments (sharded over DP x CP
-from zero_stage 1, gradients from 2, weights from 3), activations per layer of 34*s*b*D/tp bytes
-(Korthikanti et al. 2022, sequence parallel, flash attention; 2*s*b*D with full checkpointing)
-times the layers of a stage times the peak in-flight micro-batches of the simulated schedule.
+Memory: bf16 weights, fp32 gradient accumulators (whole at every stage: ZeroDataParallel sums the
+micro-batches in full fp32 buckets and reduce-scatters once per step), fp32 master + Adam moments
+(sharded over DP x CP from zero_stage 1; weights from 3), activations per layer of 34*s*b*D/tp bytes
+(Korthikanti et al. 2022, sequence parallel, flash attention) or, for a block under full activation
+checkpointing (`training.activation_checkpointing`), its fp32 input alone, 4*s*b*D/tp, times the
+layers of a stage times the peak in-flight micro-batches of the simulated schedule. Checkpointed
+blocks rerun their forward in backward: a third more of their compute (and bubble), not model FLOPs.
 
 The efficiencies and exposure fractions below are assumptions (H100 SXM, 8 GPUs per node on
 NVLink 4, one 400 Gb/s NIC per GPU), chosen once so that the paper's three 405B layouts land at
@@ -82,7 +85,8 @@ class PlanReport:
 
 def plan(
     model: str, tp: int, cp: int, pp: int, dp: int, seq: int, global_rows: int, *, micro_rows: int = 1,
-    virtual: int = 1, zero_stage: int = 1, checkpointing: str = "none", hw: Hardware | None = None,
+    virtual: int = 1, zero_stage: int = 1, checkpointing: str = "none", checkpoint_every: int = 1,
+    hw: Hardware | None = None,
 ) -> PlanReport:  # fmt: skip
     """Predict memory and step time of `model` (a preset name) under the layout; see module docstring."""
     hw = hw or Hardware()
@@ -99,6 +103,8 @@ def plan(
         )
     if checkpointing not in ("none", "full"):
         raise ValueError(f"checkpointing must be 'none' or 'full', got {checkpointing!r}")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     m = global_rows // (dp * micro_rows)
     gpus = dims.world_size
     tokens = global_rows * seq
@@ -109,6 +115,13 @@ def plan(
     compute = flops_gpu * (1 - attn_frac) / (peak * hw.gemm_efficiency) + flops_gpu * attn_frac / (
         peak * hw.attention_efficiency
     )
+    # Blocks whose layer id is a multiple of checkpoint_every rerun their forward (a third of their
+    # forward + backward) in backward; the output head is never checkpointed.
+    ckpt_frac = (
+        0.0 if checkpointing == "none" else ((args.n_layers - 1) // checkpoint_every + 1) / args.n_layers
+    )
+    head_frac = 6 * args.dim * args.vocab_size / fpt
+    compute += compute * (1 - head_frac) / 3 * ckpt_frac
     bubble = compute * (pp - 1) / (virtual * m)
     layers_rank = args.n_layers / pp
     s_local = seq // cp
@@ -131,7 +144,7 @@ def plan(
     mfu = fpt * tokens / (step * gpus * peak)
     stats = simulate(sched, pp, virtual, m) if pp > 1 else None
     in_flight = stats.peak_in_flight[0] if stats else 1.0
-    per_layer = (34 if checkpointing == "none" else 2) * micro_rows * s_local * args.dim / tp
+    per_layer = (34 * (1 - ckpt_frac) + 4 * ckpt_frac) * micro_rows * s_local * args.dim / tp
     gb = 1e9
     weights = 2 * p_local / (rep if zero_stage == 3 else 1)
     grads = 4 * p_local
@@ -203,11 +216,16 @@ def main(argv: list[str] | None = None) -> int:
         ("zero", 1),
     ):
         ap.add_argument(f"--{name}", type=int, default=default)
-    ap.add_argument("--checkpointing", default="none", choices=("none", "full"))
+    ap.add_argument(
+        "--checkpointing", default="none", choices=("none", "full"), help="activation checkpointing"
+    )
+    ap.add_argument(
+        "--checkpoint-every", type=int, default=1, help="with --checkpointing full: every N-th block"
+    )
     a = ap.parse_args(argv)
     try:
         r = plan(a.model, a.tp, a.cp, a.pp, a.dp, a.seq, a.batch, micro_rows=a.micro, virtual=a.virtual,
-                 zero_stage=a.zero, checkpointing=a.checkpointing)  # fmt: skip
+                 zero_stage=a.zero, checkpointing=a.checkpointing, checkpoint_every=a.checkpoint_every)  # fmt: skip
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

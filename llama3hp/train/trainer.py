@@ -183,7 +183,18 @@ def build_optimizer(model: torch.nn.Module, t: Any, device: torch.device) -> tor
 
 
 def build_model(job: JobConfig, device: torch.device, ctx: ParallelContext):
-    """The plain model on one process; this rank's ParallelModel on a mesh."""
+    """The plain model on one process; this rank's ParallelModel on a mesh; with the blocks chosen by
+    training.activation_checkpointing checkpointed."""
+    from llama3hp.model.llama import set_activation_checkpointing
+
+    built = _build_model(job, device, ctx)
+    t = job.training
+    every = t.activation_checkpointing_every if t.activation_checkpointing == "full" else None
+    set_activation_checkpointing(built.chunks if ctx.mesh is not None else built, every)
+    return built
+
+
+def _build_model(job: JobConfig, device: torch.device, ctx: ParallelContext):
     from llama3hp.model import Transformer
 
     with torch.device("meta"):

@@ -26,6 +26,7 @@ import torch.multiprocessing as mp
 
 from llama3hp.fp8 import Fp8Config, Fp8Linear, apply_fp8
 from llama3hp.model import ModelArgs, Transformer
+from llama3hp.model.llama import set_activation_checkpointing
 from llama3hp.parallel import MicroBatch, ParallelConfig, build_mesh, parallelize
 
 TIMEOUT_S = 240
@@ -180,6 +181,7 @@ def parallel_run(
     fp8: str | None = None,
     amp: torch.dtype | None = None,
     gemms=None,
+    ac: int | None = None,
 ):
     mesh = build_mesh(cfg)
     if mesh is None:
@@ -190,6 +192,8 @@ def parallel_run(
         init_mismatch = shard_mismatches(pm, build_whole_then_shard(args, mesh, cfg, fp8))
     else:
         pm = build_whole_then_shard(args, mesh, cfg, fp8)
+    # Activation checkpointing of every ac-th block (the reference run keeps every activation).
+    n_checkpointed = set_activation_checkpointing(pm.chunks, ac)
     n_fp8 = sum(isinstance(m, Fp8Linear) for chunk in pm.chunks for m in chunk.modules())
     opt = torch.optim.AdamW(pm.param_groups(0.1), lr=lr)
     losses = []
@@ -202,7 +206,7 @@ def parallel_run(
         pm.after_optimizer_step()
         pm.zero_grad()
         losses.append(loss.item())
-    return losses, pm.full_state_dict(), init_mismatch, n_fp8
+    return losses, pm.full_state_dict(), init_mismatch, n_fp8, n_checkpointed
 
 
 def compare_case(case: dict) -> dict | None:
@@ -225,18 +229,21 @@ def compare_case(case: dict) -> dict | None:
     )
     fp8, amp = case.get("fp8"), case.get("amp")
     gemms = GemmDtypes() if amp is not None else None
-    got = parallel_run(args, cfg, steps, micro, rows, T, lr, case.get("materialize", False), fp8, amp, gemms)
+    got = parallel_run(
+        args, cfg, steps, micro, rows, T, lr, case.get("materialize", False), fp8, amp, gemms, case.get("ac")
+    )
     if got is None:
         return None
     dp = cfg.dp
     ref_losses, ref_params = reference_run(args, steps, dp, micro, rows, T, lr, fp8, amp)
-    losses, params, init_mismatch, n_fp8 = got
+    losses, params, init_mismatch, n_fp8, n_checkpointed = got
     fp8_effect = None
     if fp8 is not None:
         plain_losses, _ = reference_run(args, steps, dp, micro, rows, T, lr)
         fp8_effect = max(abs(a - b) for a, b in zip(ref_losses, plain_losses))
     return {
         "n_fp8": n_fp8,
+        "n_checkpointed": n_checkpointed,
         "fp8_effect": fp8_effect,
         "losses": losses,
         "ref_losses": ref_losses,
@@ -320,7 +327,7 @@ def spawn_cases(world: int, cases: list[dict], timeout_s: float = TIMEOUT_S) -> 
 def case(name: str, **cfg) -> dict:
     extra = {
         k: cfg.pop(k)
-        for k in ("model", "steps", "micro", "rows", "T", "materialize", "fp8", "amp")
+        for k in ("model", "steps", "micro", "rows", "T", "materialize", "fp8", "amp", "ac")
         if k in cfg
     }
     return {"name": name, "cfg": cfg, **extra}

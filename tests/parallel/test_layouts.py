@@ -44,7 +44,23 @@ CASES = [
     ),  # fmt: skip
     case("materialize_tp2_pp2_dp2_zero3", tp=2, cp=1, pp=2, dp=2, zero_stage=3, materialize=True),
     case("materialize_tp2_cp2_pp2", tp=2, cp=2, pp=2, dp=1, T=32, materialize=True),
+    # Activation checkpointing: backward reruns the blocks' forward, collectives included (TP overlap's
+    # gathers, CP's K/V all-gather), and under ZeRO-3 after the block's parameters were freed.
+    case("ac_tp2_overlap_cp2_pp2", tp=2, cp=2, pp=2, dp=1, T=32, tp_overlap=True, ac=1),
+    case(
+        "ac2_pp2_interleaved_dp2_zero3",
+        tp=1,
+        cp=1,
+        pp=2,
+        dp=2,
+        zero_stage=3,
+        pp_schedule="interleaved",
+        pp_virtual_stages=2,
+        micro=2,
+        ac=2,
+    ),  # fmt: skip
 ]
+AC_CASES = {c["name"] for c in CASES if "ac" in c}
 
 # FP8 (emulated GEMMs on CPU) against the one-process FP8 run. Layouts that only split the rows into
 # micro-batches (DP, PP) feed every FP8 GEMM the same tokens and reduction dims as one process: equal
@@ -82,6 +98,8 @@ AMP_CASES = [
     case("amp_tp2_cp2_pp2", tp=2, cp=2, pp=2, dp=1, T=32, amp=torch.bfloat16),
     case("amp_dp2_zero3_pp2", tp=1, cp=1, pp=2, dp=2, zero_stage=3, amp=torch.bfloat16),
     case("amp_fp8_tp2_overlap", tp=2, cp=1, pp=1, dp=1, tp_overlap=True, fp8="emulated", amp=torch.bfloat16),
+    # The recompute runs under the forward's autocast state: its GEMMs are bf16 too.
+    case("amp_ac_tp2_overlap", tp=2, cp=1, pp=1, dp=1, tp_overlap=True, amp=torch.bfloat16, ac=1),
 ]
 TOL_LOSS_AMP = 1e-3  # measured: 4.5e-5 relative (TP2 overlap), 3.6e-5 (TP2xCP2xPP2)
 TOL_LOSS, TOL_PARAM = 1e-5, 5e-5
@@ -114,6 +132,8 @@ def test_layout_matches_one_process(results, name):
             f"rank {rank}: {r['losses']} vs {r['ref_losses']}"
         )
         assert r["param_diff"] < TOL_PARAM * r["param_scale"], f"rank {rank}: param diff {r['param_diff']}"
+    if name in AC_CASES:
+        assert sum(r["n_checkpointed"] for _, r in _ranks(results, name)) > 0
 
 
 @pytest.mark.parametrize("name", [c["name"] for c in FP8_CASES])

@@ -96,6 +96,24 @@ def test_paper_405b_layouts_within_5_mfu_points():
         assert r.mem_weights_gb > 0 and r.mem_activations_gb > 0
 
 
+def test_plan_activation_checkpointing_trades_memory_for_recompute():
+    from llama3hp.model import get_model_args
+    from llama3hp.model.flops import flops_per_token
+
+    layout = ("llama3_8b", 1, 1, 1, 8, 8192, 64)
+    base, half, full = (
+        plan(*layout, checkpointing=c, checkpoint_every=e) for c, e in (("none", 1), ("full", 2), ("full", 1))
+    )
+    assert full.mem_activations_gb / base.mem_activations_gb == pytest.approx(4 / 34)  # fp32 block input
+    assert full.mem_activations_gb < half.mem_activations_gb < base.mem_activations_gb
+    args = get_model_args("llama3_8b")
+    head = 6 * args.dim * args.vocab_size / flops_per_token(args, 8192)
+    assert full.compute_s / base.compute_s == pytest.approx(1 + (1 - head) / 3)  # blocks rerun their forward
+    assert base.mfu > half.mfu > full.mfu  # recompute is not model FLOPs
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        plan(*layout, checkpointing="full", checkpoint_every=0)
+
+
 def test_plan_cli(capsys):
     assert main(["llama3_8b", "--tp", "2", "--pp", "2", "--dp", "2", "--seq", "4096", "--batch", "16"]) == 0
     out = capsys.readouterr().out

@@ -188,3 +188,19 @@ def test_loss_falls_on_the_default_corpus(tmp_path):
     losses = result.losses
     assert losses[0] > 11.0  # ~ln(128256) = 11.76 at init
     assert smoothed(losses, 0.3)[-1] < 9.5, losses  # well below; ~8.5 measured
+
+
+def test_activation_checkpointing_trains_the_same_steps(tmp_path, small_dataset):
+    common = ["training.steps=2", "checkpoint.enabled=false", "metrics.jsonl=false"]
+    plain = train(_job(tmp_path, small_dataset, *common, f"run_dir={tmp_path}/a"))
+    ac = train(
+        _job(
+            tmp_path,
+            small_dataset,
+            *common,
+            "training.activation_checkpointing=full",
+            f"run_dir={tmp_path}/b",
+        )
+    )
+    assert [r["loss"] for r in ac.rows] == [r["loss"] for r in plain.rows]  # exact: the same forward, rerun
+    assert [r["grad_norm"] for r in ac.rows] == [r["grad_norm"] for r in plain.rows]
