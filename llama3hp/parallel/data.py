@@ -8,8 +8,12 @@ TP-sharded parameters. Model parameters become views of the bucket's flat parame
 no communication; after the LAST micro-batch's gradient of a bucket lands (a post-accumulate-grad
 hook counts them), the bucket is reduced asynchronously while backward goes on (overlap).
 
-zero_stage 0: all-reduce, optimizer on full replicas.  1: all-reduce, optimizer states on a 1/N shard.
-2: reduce-scatter, only the gradient shard is kept.  3: also parameters sharded: a block's bucket is
+zero_stage 0: all-reduce, optimizer on full replicas.  1: all-reduce once per step, optimizer states on
+a 1/N shard (Megatron's distributed optimizer: full fp32 gradient buckets).  2: gradients sharded too:
+with overlap on, each bucket is reduce-scattered after EVERY micro-batch's backward into its fp32
+gradient shard and its full-size buffer is freed once the reduction lands, so only the buckets of
+the blocks in backward (and at most `MAX_INFLIGHT` reductions) hold full gradients; without overlap
+the buffers stay and are reduce-scattered once at the end.  3: also parameters sharded: a block's bucket is
 all-gathered before its forward (the next block's gather launched as the block starts, so it runs
 during the block's forward) and before its backward, and freed after each. With `backward_prefetch`
 (ParallelConfig.zero3_backward_prefetch, default on) the backward pre-hook of block i also launches
@@ -35,6 +39,10 @@ from llama3hp.parallel.comm import (
     group_size,
     reduce_scatter_single,
 )
+
+# Sharded gradients: per-micro-batch reductions in flight before the oldest is waited for and its
+# full-size buffer freed (a few buckets: the communication of one overlaps the next's backward).
+MAX_INFLIGHT = 2
 
 
 class _Bucket:
@@ -68,6 +76,10 @@ class _Bucket:
         self.work: dist.Work | None = None
         self.unsharded = True
         self.gather_work: dist.Work | None = None
+        # Sharded gradients (stage >= 2 with overlap): whether flat_grad's storage is allocated, holds
+        # gradients not yet reduced, and the reduction in flight ((work or None, received shard)).
+        self.grad_allocated, self.dirty = True, False
+        self.pending: tuple[dist.Work | None, torch.Tensor] | None = None
 
     def grad_shard(self) -> torch.Tensor:
         """This rank's unique slice of the reduced gradient."""
@@ -97,6 +109,19 @@ class _Bucket:
             self.gather_work = None
             self.unsharded = True
         self.free()
+
+    def free_grad(self) -> None:
+        if self.grad_allocated:
+            self.flat_grad.untyped_storage().resize_(0)
+            self.grad_allocated = False
+
+    def land_reduction(self) -> None:
+        """Wait for the reduction in flight and add its shard into the fp32 gradient shard."""
+        work, recv = self.pending
+        if work is not None:
+            work.wait()
+        self.shard.grad += recv
+        self.pending = None
 
     def finish_gather(self, group) -> None:
         self.start_gather(group)
@@ -144,9 +169,16 @@ class ZeroDataParallel:
                 seen.update(id(p) for p in params)
                 if params:
                     self.units.append((unit_mod, self._make_buckets(params, limit)))
+        # Stage >= 2 with overlap: gradients reduced per micro-batch, full buffers freed in between.
+        self.shard_grads = stage >= 2 and overlap
+        self._inflight: list[_Bucket] = []  # buckets whose per-micro-batch reduction is in flight
         for p_bucket in self.buckets:
             for p in p_bucket.params:
                 p.register_post_accumulate_grad_hook(self._make_hook(p_bucket))
+                if self.shard_grads:
+                    p.register_hook(self._make_grad_arriving_hook(p_bucket))
+            if self.shard_grads:
+                p_bucket.free_grad()
         if stage == 3:
             self._install_zero3_hooks()
 
@@ -171,10 +203,49 @@ class ZeroDataParallel:
     def _make_hook(self, bucket: _Bucket):
         def hook(_p: torch.Tensor) -> None:
             bucket.hits += 1
-            if self.overlap and bucket.expected and bucket.hits == bucket.expected:
+            if self.shard_grads:
+                if bucket.hits == len(bucket.params):  # this micro-batch's gradients all landed
+                    self._reduce_microbatch(bucket)
+            elif self.overlap and bucket.expected and bucket.hits == bucket.expected:
                 self._reduce(bucket)
 
         return hook
+
+    # Sharded gradients: a parameter's gradient is about to be accumulated into its view of the
+    # bucket's flat_grad, whose storage may be freed, or still read by the last reduction.
+    def _make_grad_arriving_hook(self, bucket: _Bucket):
+        def hook(grad: torch.Tensor) -> None:
+            if bucket.pending is not None:
+                bucket.land_reduction()
+                self._inflight.remove(bucket)
+                bucket.flat_grad.zero_()
+            if not bucket.grad_allocated:
+                bucket.flat_grad.untyped_storage().resize_(bucket.flat_grad.numel() * 4)
+                bucket.flat_grad.zero_()
+                bucket.grad_allocated = True
+            bucket.dirty = True
+
+        return hook
+
+    def _reduce_microbatch(self, b: _Bucket) -> None:
+        """Launch the reduce-scatter of what b accumulated since its last reduction, then land the
+        oldest reductions beyond MAX_INFLIGHT and free their full buffers."""
+        b.hits, b.dirty = 0, False
+        if b.tp_replicated and self.sp:
+            all_reduce(b.flat_grad, self.tp_group)
+        if self.group is None:
+            b.pending = (None, b.flat_grad[b.slice].clone())
+        else:
+            recv = torch.empty_like(b.shard.grad)
+            b.pending = (reduce_scatter_single(recv, b.flat_grad, group=self.group, async_op=True), recv)
+        self._inflight.append(b)
+        while len(self._inflight) > MAX_INFLIGHT:
+            self._land_oldest()
+
+    def _land_oldest(self) -> None:
+        b = self._inflight.pop(0)
+        b.land_reduction()
+        b.free_grad()
 
     def _reduce(self, b: _Bucket) -> None:
         if b.work is not None or b.expected == -1:
@@ -192,12 +263,20 @@ class ZeroDataParallel:
             b.work = reduce_scatter_single(b.shard.grad, b.flat_grad, group=self.group, async_op=True)
 
     def begin_step(self, n_microbatches: int) -> None:
-        """Arm the hooks: each bucket reduces once its parameters got n_microbatches gradients each."""
+        """Arm the hooks: each bucket reduces once its parameters got n_microbatches gradients each
+        (with sharded gradients: after each micro-batch)."""
         for b in self.buckets:
             b.hits, b.expected, b.work = 0, len(b.params) * n_microbatches, None
 
     def finish_grad_sync(self) -> None:
         """Reduce the buckets the hooks did not launch (overlap off, unused parameters), then wait."""
+        if self.shard_grads:
+            for b in self.buckets:
+                if b.dirty:  # gradients since its last reduction (a parameter without one held it back)
+                    self._reduce_microbatch(b)
+            while self._inflight:
+                self._land_oldest()
+            return
         for b in self.buckets:
             self._reduce(b)
         for b in self.buckets:
@@ -207,7 +286,8 @@ class ZeroDataParallel:
 
     def zero_grad(self) -> None:
         for b in self.buckets:
-            b.flat_grad.zero_()
+            if b.grad_allocated:
+                b.flat_grad.zero_()
             if self.stage >= 2:
                 b.shard.grad.zero_()
 

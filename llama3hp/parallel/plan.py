@@ -11,9 +11,9 @@ Per GPU and per optimizer step:
   recompute-free backward), reduce-scatter of dK, dV backward, on the scale-out network. PP: one
   activation and one gradient per micro-batch and virtual stage boundary. DP: reduce-scatter of fp32
   gradients and all-gather of bf16 parameters over DP x CP, once per step, on the scale-out network.
-Memory: bf16 weights, fp32 gradient accumulators (whole at every stage: ZeroDataParallel sums the
-micro-batches in full fp32 buckets and reduce-scatters once per step), fp32 master + Adam moments
-(sharded over DP x CP from zero_stage 1; weights from 3), activations per layer of 34*s*b*D/tp bytes
+Memory: bf16 weights, fp32 gradient accumulators (whole at zero_stage 0-1, which reduce once per
+step; sharded from 2, which reduce after every micro-batch), fp32 master + Adam moments (sharded over
+DP x CP from zero_stage 1; weights from 3), activations per layer of 34*s*b*D/tp bytes
 (Korthikanti et al. 2022, sequence parallel, flash attention) or, for a block under full activation
 checkpointing (`training.activation_checkpointing`), its fp32 input alone, 4*s*b*D/tp, times the
 layers of a stage times the peak in-flight micro-batches of the simulated schedule. Checkpointed
@@ -147,7 +147,7 @@ def plan(
     per_layer = (34 * (1 - ckpt_frac) + 4 * ckpt_frac) * micro_rows * s_local * args.dim / tp
     gb = 1e9
     weights = 2 * p_local / (rep if zero_stage == 3 else 1)
-    grads = 4 * p_local
+    grads = 4 * p_local / (rep if zero_stage >= 2 else 1)
     optim = 12 * p_local / (rep if zero_stage >= 1 else 1)
     acts = per_layer * layers_rank * in_flight
     return PlanReport(

@@ -287,3 +287,41 @@ def test_cp_split_keeps_gather_in_graph_without_remote_keys():
     out = cp_attention_split(q, k, v, lambda: (k_all, v_all), segs, 2, "torch")
     dk_all, dv_all = torch.autograd.grad(out.sum(), (k_all, v_all))
     assert not dk_all.any() and not dv_all.any()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_sharded_gradients_free_their_full_buffers_between_micro_batches(stage):
+    """ZeRO-2/3 with overlap reduce each bucket after every micro-batch into its fp32 shard: the
+    shards end equal to the summed gradients, and the full-size buffers exist only around their
+    block's backward (a handful at a time, none after the step)."""
+    import copy
+
+    from llama3hp.model import Transformer
+    from llama3hp.parallel.data import ZeroDataParallel
+
+    args = small_args()
+    model = Transformer(args)
+    model.init_weights(seed=0)
+    ref = copy.deepcopy(model)
+    dp = ZeroDataParallel([model], None, stage=stage, bucket_mb=0.01)  # ~one parameter per bucket
+    assert len(dp.buckets) > 20 and not any(b.grad_allocated for b in dp.buckets)
+    live = []
+    for p in model.parameters():  # after the ZeRO hooks: how many full buffers are allocated now
+        p.register_hook(lambda g: live.append(sum(b.grad_allocated for b in dp.buckets)))
+    g = torch.Generator().manual_seed(11)
+    tokens = torch.randint(0, args.vocab_size, (3, 2, 16), generator=g)
+    dp.begin_step(3)
+    for mb in range(3):
+        model(tokens[mb], targets=tokens[mb].roll(-1, 1)).backward()
+    dp.finish_grad_sync()
+    for mb in range(3):
+        ref(tokens[mb], targets=tokens[mb].roll(-1, 1)).backward()
+    grads = dict(ref.named_parameters())
+    names = {id(p): n for n, p in model.named_parameters()}
+    for b in dp.buckets:
+        want = torch.cat([grads[names[id(p)]].grad.reshape(-1) for p in b.params])
+        torch.testing.assert_close(b.shard.grad[: want.numel()], want, rtol=1e-5, atol=1e-7)
+    assert not any(b.grad_allocated for b in dp.buckets)
+    # The bucket receiving, MAX_INFLIGHT (2) reductions in flight, the block's norms (a bucket whose two
+    # gradients arrive at the start and the end of the block's backward): 4 of 35 at most.
+    assert 0 < max(live) <= 4, max(live)
