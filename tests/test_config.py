@@ -172,14 +172,14 @@ def test_cluster_configs_carry_layouts_valid_for_their_world(name, world, layout
     if cfg.dp != -1 or dims.tp * dims.cp * dims.pp > 1:
         with pytest.raises(ValueError, match="world size"):  # one rank more does not fit the layout
             resolve_dims(cfg, world + 1)
-    # The step-time model's memory, with the config's activation checkpointing, fits an 80 GB H100
+    # The step-time model's memory, with the config's activation checkpointing, fits an 80 GiB H100
     # with room for what it does not count (allocator slack, communication and loss-chunk buffers).
     r = plan(
         job.model_preset, dims.tp, dims.cp, dims.pp, dims.dp, t.seq_len, t.global_batch_rows,
         micro_rows=t.micro_batch_rows, virtual=cfg.pp_virtual_stages, zero_stage=cfg.zero_stage,
         checkpointing=t.activation_checkpointing, checkpoint_every=t.activation_checkpointing_every,
     )  # fmt: skip
-    assert r.mem_total_gb <= 72, (name, r.mem_total_gb)
+    assert r.mem_total_gib <= 72, (name, r.mem_total_gib)
 
 
 def test_405b_128k_on_the_papers_16384_gpus_needs_dp8():

@@ -9,11 +9,15 @@ Per GPU and per optimizer step:
   TP: per layer and micro-batch 4 all-gathers/reduce-scatters forward and 4 backward of the
   [b, s/cp, D] bf16 activations, on NVLink. CP: all-gather of K and V forward (and of K, V for the
   recompute-free backward), reduce-scatter of dK, dV backward, on the scale-out network. PP: one
-  activation and one gradient per micro-batch and virtual stage boundary. DP: reduce-scatter of fp32
-  gradients and all-gather of bf16 parameters over DP x CP, once per step, on the scale-out network.
-Memory: bf16 weights, fp32 gradient accumulators (whole at zero_stage 0-1, which reduce once per
-step; sharded from 2, which reduce after every micro-batch), fp32 master + Adam moments (sharded over
-DP x CP from zero_stage 1; weights from 3), activations per layer of 34*s*b*D/tp bytes
+  activation and one gradient per micro-batch and virtual stage boundary. DP, over DP x CP on the
+  scale-out network, as `ZeroDataParallel` moves fp32: zero_stage 0 all-reduces the gradients once per
+  step, 1 also all-gathers the updated parameters; 2 reduce-scatters the gradients after every
+  micro-batch and all-gathers the parameters once; 3 reduce-scatters after every micro-batch and
+  all-gathers each block before its forward and its backward.
+Memory, as `ZeroDataParallel` holds it: fp32 weights (autocast casts them per GEMM), sharded at
+zero_stage 3; fp32 gradient accumulators, whole at 0-1 (one reduction per step), sharded from 2
+(reduced after every micro-batch); Adam's moments, with an fp32 master shard from zero_stage 1,
+sharded over DP x CP from 1; activations per layer of 34*s*b*D/tp bytes
 (Korthikanti et al. 2022, sequence parallel, flash attention) or, for a block under full activation
 checkpointing (`training.activation_checkpointing`), its fp32 input alone, 4*s*b*D/tp, times the
 layers of a stage times the peak in-flight micro-batches of the simulated schedule. Checkpointed
@@ -49,7 +53,7 @@ class Hardware:
     cp_exposed: float = 0.5  # share of the K/V all-gather time not hidden
     pp_exposed: float = 0.2  # share of p2p time not hidden by async send/recv
     dp_exposed: float = 0.1  # share of the gradient/parameter traffic left after overlap
-    hbm_gb: float = 80.0  # memory per GPU
+    hbm_gib: float = 80.0  # memory per GPU (an H100's 80 GiB)
 
 
 @dataclass
@@ -76,11 +80,11 @@ class PlanReport:
     mfu: float
     bubble_fraction: float
     peak_in_flight: float
-    mem_weights_gb: float
-    mem_grads_gb: float
-    mem_optimizer_gb: float
-    mem_activations_gb: float
-    mem_total_gb: float
+    mem_weights_gib: float
+    mem_grads_gib: float
+    mem_optimizer_gib: float
+    mem_activations_gib: float
+    mem_total_gib: float
 
 
 def plan(
@@ -138,23 +142,25 @@ def plan(
     params = sum_params(args)
     p_local = params / (tp * pp)
     rep = dp * cp
-    dp_bytes = (4 + 2) * p_local * (rep - 1) / rep
+    # fp32 bytes per local parameter that each DP x CP rank sends (ring collectives).
+    per_param = {0: 2 * 4, 1: 2 * 4 + 4, 2: m * 4 + 4, 3: m * 4 + 2 * m * 4}[zero_stage]
+    dp_bytes = per_param * p_local * (rep - 1) / rep
     dp_s = hw.dp_exposed * dp_bytes / (hw.network_gbs * 1e9)
     step = compute + bubble + tp_s + cp_s + pp_s + dp_s
     mfu = fpt * tokens / (step * gpus * peak)
     stats = simulate(sched, pp, virtual, m) if pp > 1 else None
     in_flight = stats.peak_in_flight[0] if stats else 1.0
     per_layer = (34 * (1 - ckpt_frac) + 4 * ckpt_frac) * micro_rows * s_local * args.dim / tp
-    gb = 1e9
-    weights = 2 * p_local / (rep if zero_stage == 3 else 1)
+    gib = 2**30
+    weights = 4 * p_local / (rep if zero_stage == 3 else 1)
     grads = 4 * p_local / (rep if zero_stage >= 2 else 1)
-    optim = 12 * p_local / (rep if zero_stage >= 1 else 1)
+    optim = (12 * p_local / rep) if zero_stage >= 1 else 8 * p_local  # (master +) two moments
     acts = per_layer * layers_rank * in_flight
     return PlanReport(
         model, tp, cp, pp, dp, gpus, seq, global_rows, micro_rows, m, virtual,
         compute, bubble, tp_s, cp_s, pp_s, dp_s, step, fpt * tokens / gpus / step / 1e12, mfu,
-        bubble / step, in_flight, weights / gb, grads / gb, optim / gb, acts / gb,
-        (weights + grads + optim + acts) / gb,
+        bubble / step, in_flight, weights / gib, grads / gib, optim / gib, acts / gib,
+        (weights + grads + optim + acts) / gib,
     )  # fmt: skip
 
 
@@ -172,9 +178,9 @@ def format_report(r: PlanReport) -> str:
         f"  step {r.step_s:.2f} s = compute {r.compute_s:.2f} + bubble {r.bubble_s:.2f} + TP {r.tp_s:.2f} "
         f"+ CP {r.cp_s:.2f} + PP {r.pp_s:.2f} + DP {r.dp_s:.2f}",
         f"  {r.tflops_per_gpu:.0f} TFLOP/s per GPU, MFU {100 * r.mfu:.1f}%, bubble {100 * r.bubble_fraction:.1f}% of the step",
-        f"  memory per GPU: weights {r.mem_weights_gb:.1f} GB, grads {r.mem_grads_gb:.1f} GB, optimizer "
-        f"{r.mem_optimizer_gb:.1f} GB, activations {r.mem_activations_gb:.1f} GB "
-        f"({r.peak_in_flight:.2f} micro-batches in flight), total {r.mem_total_gb:.1f} GB",
+        f"  memory per GPU: weights {r.mem_weights_gib:.1f} GiB, grads {r.mem_grads_gib:.1f} GiB, optimizer "
+        f"{r.mem_optimizer_gib:.1f} GiB, activations {r.mem_activations_gib:.1f} GiB "
+        f"({r.peak_in_flight:.2f} micro-batches in flight), total {r.mem_total_gib:.1f} GiB of {Hardware.hbm_gib:.0f}",
     ]
     return "\n".join(lines)
 

@@ -93,7 +93,7 @@ def test_paper_405b_layouts_within_5_mfu_points():
     for (name, (tp, cp, pp, dp, seq, rows)), target in zip(PAPER_LAYOUTS.items(), (0.43, 0.41, 0.38)):
         r = plan("llama3_405b", tp, cp, pp, dp, seq, rows, virtual=4)
         assert abs(r.mfu - target) < 0.05, (name, r.mfu)
-        assert r.mem_weights_gb > 0 and r.mem_activations_gb > 0
+        assert r.mem_weights_gib > 0 and r.mem_activations_gib > 0
 
 
 def test_plan_activation_checkpointing_trades_memory_for_recompute():
@@ -104,8 +104,8 @@ def test_plan_activation_checkpointing_trades_memory_for_recompute():
     base, half, full = (
         plan(*layout, checkpointing=c, checkpoint_every=e) for c, e in (("none", 1), ("full", 2), ("full", 1))
     )
-    assert full.mem_activations_gb / base.mem_activations_gb == pytest.approx(4 / 34)  # fp32 block input
-    assert full.mem_activations_gb < half.mem_activations_gb < base.mem_activations_gb
+    assert full.mem_activations_gib / base.mem_activations_gib == pytest.approx(4 / 34)  # fp32 block input
+    assert full.mem_activations_gib < half.mem_activations_gib < base.mem_activations_gib
     args = get_model_args("llama3_8b")
     head = 6 * args.dim * args.vocab_size / flops_per_token(args, 8192)
     assert full.compute_s / base.compute_s == pytest.approx(1 + (1 - head) / 3)  # blocks rerun their forward
