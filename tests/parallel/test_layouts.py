@@ -13,6 +13,9 @@ import torch
 
 from tests.parallel.harness import case, spawn_cases
 
+INTERLEAVED_ZERO3 = dict(
+    tp=1, cp=1, pp=2, dp=2, zero_stage=3, pp_schedule="interleaved", pp_virtual_stages=2, micro=2
+)
 CASES = [
     case("tp2", tp=2, cp=1, pp=1, dp=1),
     case("tp2_no_sp", tp=2, cp=1, pp=1, dp=1, sequence_parallel=False),
@@ -31,34 +34,13 @@ CASES = [
     case("cp2_dp2_zero3", tp=1, cp=2, pp=1, dp=2, zero_stage=3),
     case("tp2_materialized_loss", tp=2, cp=1, pp=1, dp=1, tp_chunked_loss=False),
     case("dp2_zero3_no_bwd_prefetch", tp=1, cp=1, pp=1, dp=2, zero_stage=3, zero3_backward_prefetch=False),
-    case(
-        "pp2_interleaved_dp2_zero3",
-        tp=1,
-        cp=1,
-        pp=2,
-        dp=2,
-        zero_stage=3,
-        pp_schedule="interleaved",
-        pp_virtual_stages=2,
-        micro=2,
-    ),  # fmt: skip
+    case("pp2_interleaved_dp2_zero3", **INTERLEAVED_ZERO3),
     case("materialize_tp2_pp2_dp2_zero3", tp=2, cp=1, pp=2, dp=2, zero_stage=3, materialize=True),
     case("materialize_tp2_cp2_pp2", tp=2, cp=2, pp=2, dp=1, T=32, materialize=True),
     # Activation checkpointing: backward reruns the blocks' forward, collectives included (TP overlap's
     # gathers, CP's K/V all-gather), and under ZeRO-3 after the block's parameters were freed.
     case("ac_tp2_overlap_cp2_pp2", tp=2, cp=2, pp=2, dp=1, T=32, tp_overlap=True, ac=1),
-    case(
-        "ac2_pp2_interleaved_dp2_zero3",
-        tp=1,
-        cp=1,
-        pp=2,
-        dp=2,
-        zero_stage=3,
-        pp_schedule="interleaved",
-        pp_virtual_stages=2,
-        micro=2,
-        ac=2,
-    ),  # fmt: skip
+    case("ac2_pp2_interleaved_dp2_zero3", **INTERLEAVED_ZERO3, ac=2),
 ]
 AC_CASES = {c["name"] for c in CASES if "ac" in c}
 
