@@ -8,12 +8,13 @@ Per GPU and per optimizer step:
 - exposed communication: bytes / link bandwidth x the fraction not hidden behind compute.
   TP: per layer and micro-batch 4 all-gathers/reduce-scatters forward and 4 backward of the
   [b, s/cp, D] bf16 activations, on NVLink. CP: all-gather of K and V forward (and of K, V for the
-  recompute-free backward), reduce-scatter of dK, dV backward, on the scale-out network. PP: one
-  activation and one gradient per micro-batch and virtual stage boundary. DP, over DP x CP on the
-  scale-out network, as `ZeroDataParallel` moves fp32: zero_stage 0 all-reduces the gradients once per
-  step, 1 also all-gathers the updated parameters; 2 reduce-scatters the gradients after every
-  micro-batch and all-gathers the parameters once; 3 reduce-scatters after every micro-batch and
-  all-gathers each block before its forward and its backward.
+  recompute-free backward), reduce-scatter of dK, dV backward. PP: one activation and one gradient
+  per micro-batch and virtual stage boundary. CP, PP and DP use the scale-out network unless the
+  group fits in one node (then NVLink). DP, over DP x CP, as `ZeroDataParallel` moves fp32:
+  zero_stage 0 all-reduces the gradients once per step, 1 also all-gathers the updated parameters;
+  2 reduce-scatters the gradients after every micro-batch and all-gathers the parameters once;
+  3 reduce-scatters after every micro-batch and all-gathers each block before its forward and its
+  backward.
 Memory, as `ZeroDataParallel` holds it: fp32 weights (autocast casts them per GEMM), sharded at
 zero_stage 3; fp32 gradient accumulators, whole at 0-1 (one reduction per step), sharded from 2
 (reduced after every micro-batch); Adam's moments, with an fp32 master shard from zero_stage 1,
@@ -54,6 +55,12 @@ class Hardware:
     pp_exposed: float = 0.2  # share of p2p time not hidden by async send/recv
     dp_exposed: float = 0.1  # share of the gradient/parameter traffic left after overlap
     hbm_gib: float = 80.0  # memory per GPU (an H100's 80 GiB)
+    gpus_per_node: int = 8  # a group whose ranks all sit in one node talks over NVLink
+
+    def link_gbs(self, span: int) -> float:
+        """Bandwidth of a group whose ranks lie within `span` consecutive ranks (mesh order [TP, CP,
+        PP, DP]: a CP group spans tp*cp, a PP group tp*cp*pp, a DP group the whole world)."""
+        return self.nvlink_gbs if span <= self.gpus_per_node else self.network_gbs
 
 
 @dataclass
@@ -136,16 +143,16 @@ def plan(
     cp_bytes = (
         2 * kv_bytes * (cp - 1) * 3 * layers_rank * m
     )  # K and V: gather fwd, gather + reduce-scatter bwd
-    cp_s = hw.cp_exposed * cp_bytes / (hw.network_gbs * 1e9)
+    cp_s = hw.cp_exposed * cp_bytes / (hw.link_gbs(tp * cp) * 1e9)
     pp_bytes = 2 * (act_bytes / tp) * m * virtual if pp > 1 else 0.0
-    pp_s = hw.pp_exposed * pp_bytes / (hw.network_gbs * 1e9)
+    pp_s = hw.pp_exposed * pp_bytes / (hw.link_gbs(tp * cp * pp) * 1e9)
     params = sum_params(args)
     p_local = params / (tp * pp)
     rep = dp * cp
     # fp32 bytes per local parameter that each DP x CP rank sends (ring collectives).
     per_param = {0: 2 * 4, 1: 2 * 4 + 4, 2: m * 4 + 4, 3: m * 4 + 2 * m * 4}[zero_stage]
     dp_bytes = per_param * p_local * (rep - 1) / rep
-    dp_s = hw.dp_exposed * dp_bytes / (hw.network_gbs * 1e9)
+    dp_s = hw.dp_exposed * dp_bytes / (hw.link_gbs(gpus) * 1e9)
     step = compute + bubble + tp_s + cp_s + pp_s + dp_s
     mfu = fpt * tokens / (step * gpus * peak)
     stats = simulate(sched, pp, virtual, m) if pp > 1 else None

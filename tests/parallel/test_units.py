@@ -114,6 +114,20 @@ def test_plan_activation_checkpointing_trades_memory_for_recompute():
         plan(*layout, checkpointing="full", checkpoint_every=0)
 
 
+def test_plan_dp_traffic_follows_the_zero_stage_and_the_link():
+    from llama3hp.parallel.plan import Hardware
+
+    hw = Hardware()
+    one_node = {z: plan("llama3_8b", 1, 1, 1, 8, 8192, 64, zero_stage=z) for z in (1, 2, 3)}
+    two_nodes = plan("llama3_8b", 1, 1, 1, 16, 8192, 64, zero_stage=3)
+    m = one_node[3].microbatches  # 8: stages 2-3 reduce after every micro-batch, 3 gathers twice more
+    assert one_node[2].dp_s / one_node[1].dp_s == pytest.approx((4 * m + 4) / 12)
+    assert one_node[3].dp_s / one_node[1].dp_s == pytest.approx(12 * m / 12)
+    # 16 GPUs span two nodes: the scale-out network instead of NVLink (and half the micro-batches)
+    ratio = (two_nodes.dp_s / one_node[3].dp_s) * (m / two_nodes.microbatches) * (7 / 8) / (15 / 16)
+    assert ratio == pytest.approx(hw.nvlink_gbs / hw.network_gbs)
+
+
 def test_plan_cli(capsys):
     assert main(["llama3_8b", "--tp", "2", "--pp", "2", "--dp", "2", "--seq", "4096", "--batch", "16"]) == 0
     out = capsys.readouterr().out
