@@ -4,16 +4,18 @@
 Parameters are packed, per unit (each transformer block, and the rest of a model chunk), into flat
 fp32 buckets of at most `bucket_mb` that never mix weight-decay classes or TP-replicated with
 TP-sharded parameters. Model parameters become views of the bucket's flat parameter and their
-`.grad` views of its flat fp32 gradient, so backward accumulates micro-batches in fp32 in place with
-no communication; after the LAST micro-batch's gradient of a bucket lands (a post-accumulate-grad
-hook counts them), the bucket is reduced asynchronously while backward goes on (overlap).
+`.grad` views of its flat fp32 gradient, so backward accumulates into the buckets in fp32 in place;
+a post-accumulate-grad hook counts the gradients and launches each bucket's reduction
+asynchronously while backward goes on (overlap), after the LAST micro-batch (stages 0-1) or after
+every micro-batch (stages 2-3).
 
-zero_stage 0: all-reduce, optimizer on full replicas.  1: all-reduce once per step, optimizer states on
-a 1/N shard (Megatron's distributed optimizer: full fp32 gradient buckets).  2: gradients sharded too:
-with overlap on, each bucket is reduce-scattered after EVERY micro-batch's backward into its fp32
-gradient shard and its full-size buffer is freed once the reduction lands, so only the buckets of
-the blocks in backward (and at most `MAX_INFLIGHT` reductions) hold full gradients; without overlap
-the buffers stay and are reduce-scattered once at the end.  3: also parameters sharded: a block's bucket is
+zero_stage 0: all-reduce, optimizer on full replicas.  1: all-reduce once per step, optimizer
+states on a 1/N shard (Megatron's distributed optimizer: full fp32 gradient buckets).
+2: gradients sharded too: with overlap on, each bucket is reduce-scattered after EVERY
+micro-batch's backward into its fp32 gradient shard and its full-size buffer is freed once the
+reduction lands, so only the buckets of the blocks in backward (and at most `MAX_INFLIGHT`
+reductions) hold full gradients; without overlap the buffers stay and are reduce-scattered once at
+the end.  3: also parameters sharded: a block's bucket is
 all-gathered before its forward (the next block's gather launched as the block starts, so it runs
 during the block's forward) and before its backward, and freed after each. With `backward_prefetch`
 (ParallelConfig.zero3_backward_prefetch, default on) the backward pre-hook of block i also launches
