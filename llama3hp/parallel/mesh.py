@@ -39,7 +39,9 @@ class ParallelConfig:
         1  # 0: replicated optimizer, 1: sharded optimizer, 2: + sharded grads, 3: + sharded params
     )
     dp_bucket_mb: float = 25.0  # gradient bucket size (fp32 MiB) for reduce-scatter during backward
-    dp_overlap: bool = True  # reduce-scatter each bucket as soon as backward fills it
+    # reduce each bucket as soon as backward fills it; stages 2-3 then reduce after every micro-batch
+    # and keep only gradient shards (without overlap: full buffers, one reduction at the end)
+    dp_overlap: bool = True
     zero3_backward_prefetch: bool = True  # ZeRO-3: gather block i-1's parameters during block i's backward
     pp_schedule: str = "1f1b"  # "1f1b" | "interleaved"
     pp_virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule; 1 for 1f1b)
