@@ -178,6 +178,7 @@ def test_cluster_configs_carry_layouts_valid_for_their_world(name, world, layout
         job.model_preset, dims.tp, dims.cp, dims.pp, dims.dp, t.seq_len, t.global_batch_rows,
         micro_rows=t.micro_batch_rows, virtual=cfg.pp_virtual_stages, zero_stage=cfg.zero_stage,
         checkpointing=t.activation_checkpointing, checkpoint_every=t.activation_checkpointing_every,
+        zero3_gather_dtype=cfg.zero3_gather_dtype,
     )  # fmt: skip
     assert r.mem_total_gib <= 72, (name, r.mem_total_gib)
 

@@ -21,6 +21,9 @@ during the block's forward) and before its backward, and freed after each. With 
 (ParallelConfig.zero3_backward_prefetch, default on) the backward pre-hook of block i also launches
 the gather of block i-1, which then runs during block i's backward instead of stalling block i-1's
 (FSDP's BACKWARD_PRE); the cost is one more block's parameters held during a backward.
+With `gather_dtype` bf16 (ParallelConfig.zero3_gather_dtype) the blocks' matrices travel in bf16
+(FSDP's param_dtype) and land in the fp32 parameters as bf16-rounded values: what the GEMMs under
+bf16 autocast use anyway; the shards, the optimizer and the norm weights stay fp32.
 The optimizer sees one fp32 shard Parameter per bucket (`param_groups`); `after_optimizer_step`
 all-gathers the updated shards into the model (stages 1-2).
 """
@@ -82,6 +85,10 @@ class _Bucket:
         # gradients not yet reduced, and the reduction in flight ((work or None, received shard)).
         self.grad_allocated, self.dirty = True, False
         self.pending: tuple[dist.Work | None, torch.Tensor] | None = None
+        # ZeRO-3: the dtype the shard travels in when gathered (bf16 halves the traffic of weights
+        # that only GEMMs under bf16 autocast read), and the landing buffer of a low-precision gather.
+        self.gather_dtype = torch.float32
+        self.gather_buf: torch.Tensor | None = None
 
     def grad_shard(self) -> torch.Tensor:
         """This rank's unique slice of the reduced gradient."""
@@ -97,12 +104,18 @@ class _Bucket:
         if self.unsharded or self.gather_work is not None:
             return
         self.flat_param.untyped_storage().resize_(self.flat_param.numel() * self.flat_param.element_size())
+        shard = self.shard.detach()
+        if self.gather_dtype != torch.float32:
+            shard = shard.to(self.gather_dtype)
+            if group is not None:
+                self.gather_buf = torch.empty(
+                    self.flat_param.shape, dtype=self.gather_dtype, device=shard.device
+                )
         if group is None:
-            self.flat_param.copy_(self.shard.detach())
+            self.flat_param.copy_(shard)
         else:
-            self.gather_work = all_gather_single(
-                self.flat_param, self.shard.detach(), group=group, async_op=True
-            )
+            out = self.flat_param if self.gather_buf is None else self.gather_buf
+            self.gather_work = all_gather_single(out, shard, group=group, async_op=True)
 
     def discard(self) -> None:
         """Drop the gathered copy (waiting for an in-flight prefetch first): the shard is the truth."""
@@ -110,6 +123,7 @@ class _Bucket:
             self.gather_work.wait()
             self.gather_work = None
             self.unsharded = True
+        self.gather_buf = None
         self.free()
 
     def free_grad(self) -> None:
@@ -130,6 +144,9 @@ class _Bucket:
         if self.gather_work is not None:
             self.gather_work.wait()
             self.gather_work = None
+        if self.gather_buf is not None:
+            self.flat_param.copy_(self.gather_buf)
+            self.gather_buf = None
         self.unsharded = True
 
 
@@ -151,6 +168,7 @@ class ZeroDataParallel:
         tp_group: dist.ProcessGroup | None = None,
         sequence_parallel: bool = False,
         backward_prefetch: bool = True,
+        gather_dtype: torch.dtype = torch.float32,
     ):
         if stage not in (0, 1, 2, 3):
             raise ValueError(f"zero stage must be 0, 1, 2 or 3, got {stage}")
@@ -182,6 +200,13 @@ class ZeroDataParallel:
             if self.shard_grads:
                 p_bucket.free_grad()
         if stage == 3:
+            # Block matrices are read only by GEMMs, which under bf16 autocast see bf16 weights
+            # anyway: gathering them in bf16 changes nothing there and halves their traffic. Norm
+            # weights and the chunk's embedding/head stay fp32.
+            for unit_mod, buckets in self.units:
+                for b in buckets:
+                    if unit_mod is not None and b.decay:
+                        b.gather_dtype = gather_dtype
             self._install_zero3_hooks()
 
     def _make_buckets(self, params: list[nn.Parameter], limit: int) -> list[_Bucket]:

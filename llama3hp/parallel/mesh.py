@@ -18,6 +18,7 @@ import torch.distributed as dist
 # The grid order, innermost first: the one place it is written.
 DIM_ORDER = ("tp", "cp", "pp", "dp")
 PP_SCHEDULES = ("1f1b", "interleaved")
+GATHER_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -43,6 +44,9 @@ class ParallelConfig:
     # and keep only gradient shards (without overlap: full buffers, one reduction at the end)
     dp_overlap: bool = True
     zero3_backward_prefetch: bool = True  # ZeRO-3: gather block i-1's parameters during block i's backward
+    # ZeRO-3: dtype the blocks' matrices are all-gathered in; "bfloat16" halves that traffic and is
+    # lossless for bf16-autocast GEMMs (training.dtype must then be bf16)
+    zero3_gather_dtype: str = "float32"
     pp_schedule: str = "1f1b"  # "1f1b" | "interleaved"
     pp_virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule; 1 for 1f1b)
     pp_microbatches: int = 0  # micro-batches per step through the pipeline (0: the accumulation count)
@@ -141,6 +145,10 @@ def validate_layout(cfg: ParallelConfig, dims: ParallelDims, model_args, seq_len
         )
     if cfg.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {cfg.zero_stage}")
+    if cfg.zero3_gather_dtype not in GATHER_DTYPES:
+        raise ValueError(
+            f"parallel.zero3_gather_dtype must be one of {', '.join(GATHER_DTYPES)}, got {cfg.zero3_gather_dtype!r}"
+        )
     if cfg.pp_schedule not in PP_SCHEDULES:
         raise ValueError(f"parallel.pp_schedule must be one of {PP_SCHEDULES}, got {cfg.pp_schedule!r}")
     if cfg.pp_schedule == "1f1b" and cfg.pp_virtual_stages != 1:

@@ -126,6 +126,7 @@ class ParallelModel:
             self.chunks, mesh.dp_cp_group, stage=cfg.zero_stage, bucket_mb=cfg.dp_bucket_mb,
             overlap=cfg.dp_overlap, tp_group=mesh.tp_group, sequence_parallel=self.tp.size > 1 and cfg.sequence_parallel,
             backward_prefetch=cfg.zero3_backward_prefetch,
+            gather_dtype=getattr(torch, cfg.zero3_gather_dtype),
         )  # fmt: skip
         self.executor = PipelineExecutor(mesh.pp_group, mesh.pp_ranks, mesh.pp_rank, self.virtual)
 

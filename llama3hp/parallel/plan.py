@@ -14,7 +14,7 @@ Per GPU and per optimizer step:
   zero_stage 0 all-reduces the gradients once per step, 1 also all-gathers the updated parameters;
   2 reduce-scatters the gradients after every micro-batch and all-gathers the parameters once;
   3 reduce-scatters after every micro-batch and all-gathers each block before its forward and its
-  backward.
+  backward (its matrices in bf16 with zero3_gather_dtype).
 Memory, as `ZeroDataParallel` holds it: fp32 weights (autocast casts them per GEMM), sharded at
 zero_stage 3; fp32 gradient accumulators, whole at 0-1 (one reduction per step), sharded from 2
 (reduced after every micro-batch); Adam's moments, with an fp32 master shard from zero_stage 1,
@@ -97,7 +97,7 @@ class PlanReport:
 def plan(
     model: str, tp: int, cp: int, pp: int, dp: int, seq: int, global_rows: int, *, micro_rows: int = 1,
     virtual: int = 1, zero_stage: int = 1, checkpointing: str = "none", checkpoint_every: int = 1,
-    hw: Hardware | None = None,
+    zero3_gather_dtype: str = "float32", hw: Hardware | None = None,
 ) -> PlanReport:  # fmt: skip
     """Predict memory and step time of `model` (a preset name) under the layout; see module docstring."""
     hw = hw or Hardware()
@@ -105,8 +105,9 @@ def plan(
     dims = ParallelDims(tp, cp, pp, dp)
     sched = "interleaved" if virtual > 1 else "1f1b"
     cfg = ParallelConfig(
-        tp=tp, cp=cp, pp=pp, dp=dp, pp_schedule=sched, pp_virtual_stages=virtual, zero_stage=zero_stage
-    )
+        tp=tp, cp=cp, pp=pp, dp=dp, pp_schedule=sched, pp_virtual_stages=virtual, zero_stage=zero_stage,
+        zero3_gather_dtype=zero3_gather_dtype,
+    )  # fmt: skip
     validate_layout(cfg, dims, args, seq)
     if global_rows % (dp * micro_rows):
         raise ValueError(
@@ -150,7 +151,8 @@ def plan(
     p_local = params / (tp * pp)
     rep = dp * cp
     # fp32 bytes per local parameter that each DP x CP rank sends (ring collectives).
-    per_param = {0: 2 * 4, 1: 2 * 4 + 4, 2: m * 4 + 4, 3: m * 4 + 2 * m * 4}[zero_stage]
+    gather = 2 if zero3_gather_dtype == "bfloat16" else 4  # ZeRO-3 gathers (the matrices: ~all of it)
+    per_param = {0: 2 * 4, 1: 2 * 4 + 4, 2: m * 4 + 4, 3: m * 4 + 2 * m * gather}[zero_stage]
     dp_bytes = per_param * p_local * (rep - 1) / rep
     dp_s = hw.dp_exposed * dp_bytes / (hw.link_gbs(gpus) * 1e9)
     step = compute + bubble + tp_s + cp_s + pp_s + dp_s
@@ -235,10 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--checkpoint-every", type=int, default=1, help="with --checkpointing full: every N-th block"
     )
+    ap.add_argument(
+        "--zero3-gather", default="float32", choices=("float32", "bfloat16"), help="ZeRO-3 gathers"
+    )
     a = ap.parse_args(argv)
     try:
         r = plan(a.model, a.tp, a.cp, a.pp, a.dp, a.seq, a.batch, micro_rows=a.micro, virtual=a.virtual,
-                 zero_stage=a.zero, checkpointing=a.checkpointing, checkpoint_every=a.checkpoint_every)  # fmt: skip
+                 zero_stage=a.zero, checkpointing=a.checkpointing, checkpoint_every=a.checkpoint_every,
+                 zero3_gather_dtype=a.zero3_gather)  # fmt: skip
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -369,6 +369,11 @@ class Trainer:
         if self.ctx.mesh is not None and self.device.type == "cuda":
             self.device = self.ctx.mesh.device  # the rank's own GPU (LOCAL_RANK)
         self.amp_dtype = autocast_dtype(job.training.dtype, self.device)
+        if job.parallel.zero3_gather_dtype == "bfloat16" and self.amp_dtype != torch.bfloat16:
+            raise ConfigError(
+                "parallel.zero3_gather_dtype=bfloat16 rounds the weights the GEMMs read, which only bf16 "
+                "autocast does anyway: set training.dtype=bfloat16 or zero3_gather_dtype=float32"
+            )
         check_fp8(job, self.ctx, self.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls that remain (outside autocast)

@@ -79,6 +79,17 @@ AMP_CASES = [
     case("amp_tp2_overlap", tp=2, cp=1, pp=1, dp=1, tp_overlap=True, amp=torch.bfloat16),
     case("amp_tp2_cp2_pp2", tp=2, cp=2, pp=2, dp=1, T=32, amp=torch.bfloat16),
     case("amp_dp2_zero3_pp2", tp=1, cp=1, pp=2, dp=2, zero_stage=3, amp=torch.bfloat16),
+    # bf16 gathers of the blocks' matrices: the GEMMs under autocast read bf16 weights anyway.
+    case(
+        "amp_dp2_zero3_bf16_gather_tp2",
+        tp=2,
+        cp=1,
+        pp=1,
+        dp=2,
+        zero_stage=3,
+        zero3_gather_dtype="bfloat16",
+        amp=torch.bfloat16,
+    ),  # fmt: skip
     case("amp_fp8_tp2_overlap", tp=2, cp=1, pp=1, dp=1, tp_overlap=True, fp8="emulated", amp=torch.bfloat16),
     # The recompute runs under the forward's autocast state: its GEMMs are bf16 too.
     case("amp_ac_tp2_overlap", tp=2, cp=1, pp=1, dp=1, tp_overlap=True, amp=torch.bfloat16, ac=1),

@@ -52,6 +52,7 @@ def test_dp_inferred_and_world_mismatch():
         (ParallelConfig(tp=2, cp=2, dp=1, tp_overlap=True, tp_overlap_chunks=8), 16, "sequence parallelism"),
         (ParallelConfig(zero_stage=4, dp=1), None, "zero_stage"),
         (ParallelConfig(pp_schedule="gpipe", dp=1), None, "pp_schedule"),
+        (ParallelConfig(zero3_gather_dtype="float16", dp=1), None, "zero3_gather_dtype"),
     ],
 )
 def test_invalid_layouts_one_error_each(cfg, seq, match):
@@ -123,6 +124,8 @@ def test_plan_dp_traffic_follows_the_zero_stage_and_the_link():
     m = one_node[3].microbatches  # 8: stages 2-3 reduce after every micro-batch, 3 gathers twice more
     assert one_node[2].dp_s / one_node[1].dp_s == pytest.approx((4 * m + 4) / 12)
     assert one_node[3].dp_s / one_node[1].dp_s == pytest.approx(12 * m / 12)
+    bf16 = plan("llama3_8b", 1, 1, 1, 8, 8192, 64, zero_stage=3, zero3_gather_dtype="bfloat16")
+    assert bf16.dp_s / one_node[3].dp_s == pytest.approx(8 / 12)  # gathers at 2 bytes instead of 4
     # 16 GPUs span two nodes: the scale-out network instead of NVLink (and half the micro-batches)
     ratio = (two_nodes.dp_s / one_node[3].dp_s) * (m / two_nodes.microbatches) * (7 / 8) / (15 / 16)
     assert ratio == pytest.approx(hw.nvlink_gbs / hw.network_gbs)
@@ -339,3 +342,38 @@ def test_sharded_gradients_free_their_full_buffers_between_micro_batches(stage):
     # The bucket receiving, MAX_INFLIGHT (2) reductions in flight, the block's norms (a bucket whose two
     # gradients arrive at the start and the end of the block's backward): 4 of 35 at most.
     assert 0 < max(live) <= 4, max(live)
+
+
+def test_zero3_bf16_gathers_round_only_what_bf16_autocast_gemms_read():
+    """ZeRO-3 with bf16 gathers: the blocks' matrices land bf16-rounded and everything else exact,
+    and a step under bf16 autocast is bit-identical to fp32 gathers (the GEMMs cast to bf16 anyway)."""
+    from llama3hp.model import Transformer
+    from llama3hp.parallel.data import ZeroDataParallel
+
+    args = small_args()
+    g = torch.Generator().manual_seed(12)
+    tokens = torch.randint(0, args.vocab_size, (2, 16), generator=g)
+    runs = {}
+    for dt in (torch.float32, torch.bfloat16):
+        model = Transformer(args)
+        model.init_weights(seed=0)
+        dp = ZeroDataParallel([model], None, stage=3, gather_dtype=dt)
+        dp.begin_step(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(tokens, targets=tokens.roll(-1, 1))
+        loss.backward()
+        dp.finish_grad_sync()
+        with dp.unsharded():  # what the gathers put in the parameters
+            block = model.layers["0"]
+            gathered = {n: p.detach().clone() for n, p in block.named_parameters()}
+        runs[dt] = (loss.detach(), [b.shard.grad.clone() for b in dp.buckets], gathered, dp)
+    (loss32, grads32, w32, _), (loss16, grads16, w16, dp16) = runs[torch.float32], runs[torch.bfloat16]
+    assert torch.equal(loss16, loss32) and all(torch.equal(a, b) for a, b in zip(grads16, grads32))
+    assert {b.gather_dtype for b in dp16.buckets} == {torch.float32, torch.bfloat16}
+    for name, w in w16.items():
+        if name.endswith("norm.weight"):
+            assert torch.equal(w, w32[name]), name
+        else:
+            assert torch.equal(w, w32[name].to(torch.bfloat16).float()) and not torch.equal(w, w32[name]), (
+                name
+            )

@@ -7,7 +7,7 @@ import pytest
 from train_testing import SMALL
 
 from llama3hp.cli import main
-from llama3hp.config import load_job_config
+from llama3hp.config import ConfigError, load_job_config
 from llama3hp.train import checkpoint as ckpt
 from llama3hp.train.trainer import train
 
@@ -204,3 +204,8 @@ def test_activation_checkpointing_trains_the_same_steps(tmp_path, small_dataset)
     )
     assert [r["loss"] for r in ac.rows] == [r["loss"] for r in plain.rows]  # exact: the same forward, rerun
     assert [r["grad_norm"] for r in ac.rows] == [r["grad_norm"] for r in plain.rows]
+
+
+def test_bf16_zero3_gathers_need_bf16_autocast(tmp_path, small_dataset):
+    with pytest.raises(ConfigError, match="zero3_gather_dtype=bfloat16 rounds the weights"):
+        train(_job(tmp_path, small_dataset, "parallel.zero3_gather_dtype=bfloat16", "training.dtype=float32"))
