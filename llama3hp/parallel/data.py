@@ -23,7 +23,8 @@ the gather of block i-1, which then runs during block i's backward instead of st
 (FSDP's BACKWARD_PRE); the cost is one more block's parameters held during a backward.
 With `gather_dtype` bf16 (ParallelConfig.zero3_gather_dtype) the blocks' matrices travel in bf16
 (FSDP's param_dtype) and land in the fp32 parameters as bf16-rounded values: what the GEMMs under
-bf16 autocast use anyway; the shards, the optimizer and the norm weights stay fp32.
+bf16 autocast use anyway (FP8 linears quantize the rounded values, E4M3 being far coarser); the
+shards, the optimizer and the norm weights stay fp32.
 The optimizer sees one fp32 shard Parameter per bucket (`param_groups`); `after_optimizer_step`
 all-gathers the updated shards into the model (stages 1-2).
 """
