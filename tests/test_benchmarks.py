@@ -3,6 +3,11 @@
 import dataclasses
 import importlib
 import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,3 +115,24 @@ def test_agreement_catches_a_peer_that_computes_something_else():
         torch.float32, ["torch", "wrong"],
     )  # fmt: skip
     assert agree["torch"]["out"] < 1e-6 and agree["wrong"]["out"] > 0.1 and agree["wrong"]["grads"] > 0.1
+
+
+@pytest.mark.slow
+def test_gpu_session_script_runs_its_phases_and_collects_on_cpu(tmp_path):
+    """benchmarks/gpu_session.sh is what a lent GPU runs, and nothing else ever runs it: on CPU every
+    benchmark of a phase refuses with its one-line reason, the script records each exit code and
+    goes on, and env.txt, session.log and results.tgz land in $OUT."""
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "LIMIT_S": "240"}
+    subprocess.run(
+        ["bash", "benchmarks/gpu_session.sh", "kernels", "nonsense"], cwd=repo, env=env, check=True,
+        capture_output=True, timeout=300,
+    )  # fmt: skip
+    env_txt = (out / "env.txt").read_text()
+    for name in ("rmsnorm", "rope", "swiglu", "cross_entropy"):
+        assert f"bench_{name}: exit 1" in env_txt, env_txt
+    assert "unknown phase nonsense" in env_txt and "torch " in env_txt
+    assert (out / "session.log").read_text().count("need a CUDA GPU") == 4
+    with tarfile.open(out / "results.tgz") as tar:
+        assert any(n.startswith("benchmarks/results/") for n in tar.getnames())
