@@ -127,6 +127,13 @@ class _Bucket:
         self.gather_buf = None
         self.free()
 
+    def alloc_grad(self) -> None:
+        """Give flat_grad (and so every parameter's .grad view) its storage back, zeroed."""
+        if not self.grad_allocated:
+            self.flat_grad.untyped_storage().resize_(self.flat_grad.numel() * self.flat_grad.element_size())
+            self.flat_grad.zero_()
+            self.grad_allocated = True
+
     def free_grad(self) -> None:
         if self.grad_allocated:
             self.flat_grad.untyped_storage().resize_(0)
@@ -247,10 +254,7 @@ class ZeroDataParallel:
                 bucket.land_reduction()
                 self._inflight.remove(bucket)
                 bucket.flat_grad.zero_()
-            if not bucket.grad_allocated:
-                bucket.flat_grad.untyped_storage().resize_(bucket.flat_grad.numel() * 4)
-                bucket.flat_grad.zero_()
-                bucket.grad_allocated = True
+            bucket.alloc_grad()
             bucket.dirty = True
 
         return hook
