@@ -73,7 +73,7 @@ def build_job(quick: bool, steps: int, extra: list[str]):
 def synthetic_batches(vocab: int, rows: int, seq_len: int, seed: int = 0):
     """Endless Batch objects of `rows` x `seq_len` tokens, one document per row: phrases of 8 tokens
     drawn with Zipf weights from 4,096 random phrases, so there is structure to learn."""
-    from llama3hp.data.loader import Batch
+    from llama3hp.data.batch import Batch
 
     g = torch.Generator().manual_seed(seed)
     phrases = torch.randint(0, vocab, (4096, 8), generator=g)
@@ -83,7 +83,7 @@ def synthetic_batches(vocab: int, rows: int, seq_len: int, seed: int = 0):
     while True:
         idx = torch.multinomial(weights, rows * per_row, replacement=True, generator=g)
         stream = phrases[idx].view(rows, -1)[:, : seq_len + 1]
-        yield Batch(stream[:, :-1].contiguous(), stream[:, 1:].contiguous(), cu, seq_len, rows * seq_len)
+        yield Batch(stream[:, :-1].contiguous(), stream[:, 1:].contiguous(), cu, seq_len)
 
 
 def build_data(job, quick: bool):
@@ -94,7 +94,7 @@ def build_data(job, quick: bool):
             import dataclasses
 
             from llama3hp.data import Tokenizer, build_loader
-            from llama3hp.train.trainer import resolve_datasets
+            from llama3hp.train.build import resolve_datasets
 
             tok = Tokenizer.load(job.data.tokenizer_path)
             datasets = resolve_datasets(job, tok)  # prepares the stdlib corpus once (seconds)
@@ -122,9 +122,11 @@ def train_provider(job, provider: str, quick: bool, warmup: int) -> dict[str, An
     """Train `job.training.steps` steps with the provider's FP8 recipe; medians and the loss curve."""
     import dataclasses
 
+    from llama3hp.data.batch import IGNORE_INDEX
     from llama3hp.model.flops import flops_per_token
+    from llama3hp.parallel import ParallelContext
+    from llama3hp.train import build as B
     from llama3hp.train import metrics as M
-    from llama3hp.train import trainer as T
     from llama3hp.train.schedules import LRSchedule, lr_at
 
     recipe = RECIPES[provider]
@@ -135,29 +137,32 @@ def train_provider(job, provider: str, quick: bool, warmup: int) -> dict[str, An
             raise Unavailable("transformer_engine not installed")
     job = dataclasses.replace(job, fp8=job.fp8.replace(recipe=recipe))
     t = job.training
-    device = T.select_device(t.device)
+    device = B.select_device(t.device)
     if recipe.startswith("te_") and device.type != "cuda":
         raise Unavailable("Transformer Engine runs on CUDA only")
-    ctx = T.ParallelContext()
-    T.check_fp8(job, ctx, device)
-    T.seed_everything(t.seed)
-    amp = T.autocast_dtype(t.dtype, device)
+    ctx = ParallelContext()
+    B.check_fp8(job, ctx, device)
+    B.seed_everything(t.seed)
+    amp = B.autocast_dtype(t.dtype, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.cuda.reset_peak_memory_stats(device)
     next_batch, source = build_data(job, quick)
-    model = T.build_model(job, device, ctx)  # FP8 applied inside, where the trainer applies it
-    from llama3hp.fp8 import fp8_flops_per_token, fp8_linear_names
+    # FP8 applied inside, where the trainer applies it. The loop below times forward and backward
+    # apart, so it drives the plain module rather than the step interface.
+    step_model = B.build_model(job, device, ctx)
+    model = step_model.chunks[0]
+    from llama3hp.fp8 import fp8_flops_per_token
 
-    fp8_fqns = fp8_linear_names(model)
-    optimizer = T.build_optimizer(model, t, device)
+    fp8_fqns = step_model.fp8_linear_names()
+    optimizer = B.build_optimizer(step_model, t, device)
     schedule = LRSchedule(t.lr, t.steps, t.warmup_steps, t.min_lr_ratio)
     accum = t.grad_accum_steps()
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else None
     fwd_s, bwd_s, step_s, losses, fpts = [], [], [], [], []
     for step in range(t.steps):
         batches = [next_batch().to(device) for _ in range(accum)]
-        n_targets = sum((b.targets != T.IGNORE_INDEX).sum() for b in batches).float().clamp(min=1.0)
+        n_targets = sum((b.targets != IGNORE_INDEX).sum() for b in batches).float().clamp(min=1.0)
         _sync(device)
         t_start = time.perf_counter()
         t_fwd = t_bwd = 0.0
@@ -191,7 +196,7 @@ def train_provider(job, provider: str, quick: bool, warmup: int) -> dict[str, An
             )
     peak_mem = M.peak_memory_bytes(device) / 2**30 if device.type == "cuda" else None
     fp8_fpt = fp8_flops_per_token(job.model, fqns=fp8_fqns) if fp8_fqns else 0.0
-    del model, optimizer
+    del model, step_model, optimizer
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -320,7 +325,7 @@ def run(argv: list[str] | None = None) -> tuple[list[dict], dict, Path]:
     t = job.training
     shape = {"model": "llama3_1b" if not args.quick else "llama3_1b-shrunk", "dim": job.model.dim,
              "layers": job.model.n_layers, "seq": t.seq_len, "rows": t.global_batch_rows}  # fmt: skip
-    from llama3hp.train.trainer import autocast_dtype
+    from llama3hp.train.build import autocast_dtype
 
     dtype = "bfloat16" if autocast_dtype(t.dtype, device) is not None else "float32"
     env = harness.environment(device, args.quick)

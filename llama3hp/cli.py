@@ -1,8 +1,9 @@
-"""`llama3hp` command line: train, prepare, info, export, import, average.
+"""`llama3hp` command line: train, prepare, info, export, import, average, plan.
 
-Every user error prints ONE line `error: ...` on stderr and exits with code 2 (no traceback).
-Heavy modules (torch, the model, the data pipeline) are imported inside the subcommands so
-`llama3hp --help` answers at once.
+Every user error (`llama3hp.errors.UserError`: a bad config, data file, checkpoint or command line)
+prints ONE line `error: ...` on stderr and exits with code 2. Anything else is a bug: it keeps its
+traceback and exits with code 1. Heavy modules (torch, the model, the data pipeline) are imported
+inside the subcommands so `llama3hp --help` answers at once.
 """
 
 from __future__ import annotations
@@ -13,11 +14,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from llama3hp.errors import UsageError, UserError
+
 EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """A user error detected by the CLI itself."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,8 +28,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _cmd_train(a: argparse.Namespace) -> int:
     from llama3hp.config import build_job_config, flatten, load_job_config, parse_override
+    from llama3hp.parallel import build_parallel_context
     from llama3hp.train import checkpoint as ckpt
-    from llama3hp.train.trainer import build_parallel_context, find_latest_checkpoint, train
+    from llama3hp.train.checkpointer import find_latest_checkpoint
+    from llama3hp.train.trainer import train
 
     resume = a.resume
     if isinstance(resume, str) and "=" in resume and not Path(resume).exists():
@@ -50,16 +51,13 @@ def _cmd_train(a: argparse.Namespace) -> int:
         job = load_job_config(a.config, a.overrides)
     # Under torchrun: join the process group and build the [parallel] mesh (the batch is then
     # re-validated against the data-parallel degree); one process otherwise.
-    ctx = build_parallel_context(job)
+    ctx = build_parallel_context(job.parallel)
     try:
         if resume is True:
-            resume = find_latest_checkpoint(job)
+            resume = find_latest_checkpoint(job.checkpoint, job.runs_root, job.name)
         train(job, resume=resume, ctx=ctx)
     finally:
-        if ctx.mesh is not None:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        ctx.close()
     return 0
 
 
@@ -108,7 +106,10 @@ def _cmd_export(a: argparse.Namespace) -> int:
     args = _checkpoint_args(path)
     sd = ckpt.load_model_state(path)
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[a.dtype]
-    (save_hf if a.format == "hf" else save_meta)(sd, args, a.out, dtype=dtype)
+    try:
+        (save_hf if a.format == "hf" else save_meta)(sd, args, a.out, dtype=dtype)
+    except OSError as e:
+        raise UsageError(f"export: cannot write {a.out}: {e.strerror or e}") from None
     print(f"exported {path} to {a.out} ({a.format}, {a.dtype})")
     return 0
 
@@ -238,19 +239,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.fn(args)
-    except UsageError as e:
+    except UserError as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as e:  # ConfigError is a ValueError
-        return _fail(str(e))
-    except Exception as e:
-        from llama3hp.train.checkpoint import CheckpointError
-
-        if isinstance(e, CheckpointError):
-            return _fail(str(e))
-        raise
 
 
 def _fail(message: str) -> int:

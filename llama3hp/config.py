@@ -6,6 +6,11 @@ A job is read from a built-in name (a TOML file in `launch/configs/`) or a TOML 
 rejected with the closest valid name. The model is picked by `[model] preset = "tiny"` (a name
 from `llama3hp.model.PRESETS`); the other `[model]` keys override the preset's fields.
 
+Each section is the dataclass of the component it configures, which validates itself
+(`TrainingConfig` in train/trainer.py, `CheckpointConfig` in train/checkpointer.py, `MetricsConfig`
+in train/metrics.py, `ParallelConfig` in parallel/mesh.py, `DataConfig`, `ModelArgs`, `Fp8Config`);
+this module holds the override engine and the checks across components (`validate`).
+
 Every error raised here is a `ConfigError` with a one-line message the CLI prints as is.
 """
 
@@ -23,80 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from llama3hp.data import DataConfig
+from llama3hp.errors import ConfigError
 from llama3hp.fp8.config import Fp8Config
 from llama3hp.model import ModelArgs, get_model_args
 from llama3hp.parallel.mesh import ParallelConfig
+from llama3hp.train.build import STDLIB_CORPUS
+from llama3hp.train.checkpointer import CheckpointConfig
+from llama3hp.train.metrics import MetricsConfig
+from llama3hp.train.trainer import TrainingConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "launch" / "configs"
-STDLIB_CORPUS = "@stdlib"  # a data.datasets entry meaning "the stdlib corpus, prepared on first use"
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "float32", "bfloat16")
-ACTIVATION_CHECKPOINTING = ("none", "full")
-
-
-class ConfigError(ValueError):
-    """A user error in a config file or an override; the message is one line."""
-
-
-@dataclass
-class TrainingConfig:
-    """Optimisation and batch shape. Batches are counted in rows of `seq_len` tokens."""
-
-    steps: int = 150  # optimizer steps in the run
-    micro_batch_rows: int = 2  # rows per forward/backward on each data-parallel rank
-    global_batch_rows: int = 2  # rows per optimizer step over all ranks (accumulation is derived)
-    seq_len: int = 256  # tokens per row
-    lr: float = 3e-3  # peak learning rate
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW (beta1, beta2)
-    eps: float = 1e-8  # AdamW epsilon
-    weight_decay: float = 0.1  # decoupled weight decay; never on norms or biases
-    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
-    warmup_steps: int = 10  # linear warm-up steps
-    min_lr_ratio: float = 0.1  # cosine floor as a fraction of the peak lr
-    anneal_steps: int = 0  # last steps with lr linearly from the floor to 0 (0 = none)
-    anneal_tokens: int = 0  # or: last tokens with lr linearly to 0 (0 = none)
-    batch_ramp: list[list[int]] = field(default_factory=list)  # [[tokens_seen, global_batch_rows], ...]
-    seq_len_stages: list[list[int]] = field(default_factory=list)  # [[tokens_seen, seq_len], ...]
-    z_loss_scale: float = 0.0  # PaLM z-loss coefficient (0 = off)
-    seed: int = 0  # weight init and RNG seed
-    device: str = "auto"  # "auto" (cuda when available) | "cpu" | "cuda"
-    dtype: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "float32" | "bfloat16"
-    init_from: str | None = None  # checkpoint dir whose model weights start the run (e.g. `llama3hp import`)
-    # "full": checkpointed blocks keep only their input and recompute their forward in backward
-    # (activation memory per block ~34x smaller, ~1/3 more block FLOPs); "none": keep everything.
-    activation_checkpointing: str = "none"
-    activation_checkpointing_every: int = 1  # with "full": checkpoint blocks whose layer id is a multiple
-
-    def grad_accum_steps(self, global_rows: int | None = None, dp_size: int = 1) -> int:
-        """Micro-batches per rank per optimizer step for a global batch of `global_rows` rows."""
-        rows = self.global_batch_rows if global_rows is None else global_rows
-        return rows // (self.micro_batch_rows * dp_size)
-
-
-@dataclass
-class CheckpointConfig:
-    """Where and how often to save (torch.distributed.checkpoint folders `step-XXXXXXXX/`)."""
-
-    enabled: bool = True  # save checkpoints at all
-    dir: str = ""  # checkpoint folder ("" = <run dir>/checkpoints)
-    interval: int = 0  # save every N steps (0 = only at the end)
-    keep: int = 3  # keep the last K checkpoints (0 = keep all)
-    save_final: bool = True  # save after the last step
-
-
-@dataclass
-class MetricsConfig:
-    """What is logged each step and where."""
-
-    log_interval: int = 1  # write a metrics row every N steps
-    jsonl: bool = True  # write <run dir>/metrics.jsonl
-    tensorboard: bool = False  # also write TensorBoard events when torch.utils.tensorboard imports
-    progress: bool = True  # tqdm progress bar with loss, tok/s and MFU
-    plot: bool = True  # write <run dir>/loss.png at the end
-    gpu_telemetry: bool = True  # SM clock, temperature, power via nvidia-ml-py on CUDA
-    profile_steps: list[int] = field(default_factory=list)  # [start, end): torch.profiler trace window
-    peak_flops: float = 0.0  # peak FLOP/s for MFU (0 = from the GPU table, or measured on CPU)
-    peak_fp8_flops: float = 0.0  # FP8 peak FLOP/s for the FP8 MFUs (0 = from the GPU table; see metrics.py)
 
 
 @dataclass
@@ -117,6 +58,19 @@ class JobConfig:
     # FP8 linears in the transformer blocks (TOML [fp8]); off by default: recipe "none". Turn on with
     # fp8.recipe=rowwise (sm89+ GPUs; emulated GEMM on CPU), emulated, te_delayed or te_current.
     fp8: Fp8Config = field(default_factory=lambda: Fp8Config(recipe="none"))
+
+    def validate(self, *, dp_size: int = 1) -> JobConfig:
+        """Every component's own checks, then the checks across components; one-line ConfigError."""
+        validate(self, dp_size=dp_size)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain JSON data; `job_from_dict` reads it back."""
+        return job_to_dict(self)
+
+    def dump(self, path: Path) -> None:
+        """config.json, written to a temporary name and renamed."""
+        dump_job_config(self, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,22 +319,20 @@ def load_job_config(name_or_path: str, overrides: list[str] = (), *, dp_size: in
 
 
 def validate(job: JobConfig, *, dp_size: int = 1) -> None:
-    """One-line ConfigError for a config that cannot make sense."""
-    from llama3hp.train.schedules import check_table
-
+    """One-line ConfigError for a config that cannot make sense: each component's own `validate`,
+    then what only the whole job can check (batch over data-parallel ranks, lengths against the
+    model, FP8 against the layout and activation checkpointing, data present)."""
     t = job.training
-    if t.steps <= 0:
-        raise ConfigError(f"training.steps must be positive, got {t.steps}")
-    if t.micro_batch_rows <= 0 or t.global_batch_rows <= 0 or t.seq_len <= 0:
-        raise ConfigError(
-            "training.micro_batch_rows, training.global_batch_rows and training.seq_len must be positive"
-        )
+    for component in (t, job.checkpoint, job.metrics):
+        component.validate()
+    for what in (job.fp8, job.model):
+        try:
+            what.validate()
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     per_step = t.micro_batch_rows * dp_size
-    try:
-        check_table("training.batch_ramp", t.batch_ramp)
-        check_table("training.seq_len_stages", t.seq_len_stages)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
     for rows in [t.global_batch_rows] + [r for _, r in t.batch_ramp]:
         if rows % per_step:
             raise ConfigError(
@@ -390,54 +342,12 @@ def validate(job: JobConfig, *, dp_size: int = 1) -> None:
     for seq in [t.seq_len] + [s for _, s in t.seq_len_stages]:
         if seq > job.model.max_seq_len:
             raise ConfigError(f"sequence length {seq} exceeds model.max_seq_len ({job.model.max_seq_len})")
-    if not 0 <= t.warmup_steps <= t.steps:
-        raise ConfigError(
-            f"training.warmup_steps ({t.warmup_steps}) must be between 0 and training.steps ({t.steps})"
-        )
-    if t.anneal_steps < 0 or t.warmup_steps + t.anneal_steps > t.steps:
-        raise ConfigError(
-            f"training.warmup_steps + training.anneal_steps ({t.warmup_steps} + {t.anneal_steps}) exceed training.steps ({t.steps})"
-        )
-    if t.anneal_tokens < 0:
-        raise ConfigError(f"training.anneal_tokens must be >= 0, got {t.anneal_tokens}")
-    if t.lr <= 0:
-        raise ConfigError(f"training.lr must be positive, got {t.lr}")
-    if not 0.0 <= t.min_lr_ratio <= 1.0:
-        raise ConfigError(f"training.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
-    if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
-        raise ConfigError(f"training.betas must be two numbers in [0, 1), got {t.betas}")
-    if t.weight_decay < 0 or t.eps <= 0 or t.grad_clip < 0:
-        raise ConfigError("training.weight_decay and training.grad_clip must be >= 0 and training.eps > 0")
-    if t.device not in DEVICES:
-        raise ConfigError(f"training.device must be one of {', '.join(DEVICES)}, got '{t.device}'")
-    if t.dtype not in DTYPES:
-        raise ConfigError(f"training.dtype must be one of {', '.join(DTYPES)}, got '{t.dtype}'")
-    if t.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
-        raise ConfigError(
-            f"training.activation_checkpointing must be one of {', '.join(ACTIVATION_CHECKPOINTING)}, "
-            f"got '{t.activation_checkpointing}'"
-        )
-    if t.activation_checkpointing_every < 1:
-        raise ConfigError(
-            f"training.activation_checkpointing_every must be >= 1, got {t.activation_checkpointing_every}"
-        )
-    c = job.checkpoint
-    if c.interval < 0 or c.keep < 0:
-        raise ConfigError("checkpoint.interval and checkpoint.keep must be >= 0")
-    m = job.metrics
-    if m.log_interval <= 0:
-        raise ConfigError(f"metrics.log_interval must be positive, got {m.log_interval}")
-    if m.profile_steps and (len(m.profile_steps) != 2 or not 0 <= m.profile_steps[0] < m.profile_steps[1]):
-        raise ConfigError(
-            f"metrics.profile_steps must be [start, end) with 0 <= start < end, got {m.profile_steps}"
-        )
-    if m.peak_fp8_flops < 0:
-        raise ConfigError(f"metrics.peak_fp8_flops must be >= 0, got {m.peak_fp8_flops}")
-    try:
-        job.fp8.validate()
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
     p = job.parallel
+    if job.model.tie_embeddings and (p.tp > 1 or p.pp > 1):
+        raise ConfigError(
+            f"model preset {job.model_preset} ties its embedding and output head, which tp={p.tp}, pp={p.pp} "
+            "would split: use an untied preset or tp=1, pp=1"
+        )
     if job.fp8.uses_te and (p.tp > 1 or p.cp > 1 or p.pp > 1):
         raise ConfigError(
             f"fp8.recipe={job.fp8.recipe} with tp={p.tp}, cp={p.cp}, pp={p.pp}: Transformer Engine recipes run "
@@ -451,10 +361,6 @@ def validate(job: JobConfig, *, dp_size: int = 1) -> None:
         )
     if not job.data.datasets:
         raise ConfigError("data.datasets is empty: give at least one prepared dataset folder (or '@stdlib')")
-    try:
-        job.model.validate()
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
 
 
 def job_to_dict(job: JobConfig) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The command line: every user error is one line on stderr and exit code 2."""
+"""The command line: every user error is one line on stderr and exit code 2; a bug keeps its
+traceback and exits with code 1."""
 
 import json
 
@@ -74,6 +75,38 @@ def test_help_exits_zero(capsys):
 )
 def test_user_errors_are_one_line_exit_2(capsys, argv, contains):
     _one_line_error(capsys, argv, contains)
+
+
+def test_a_bug_keeps_its_traceback_and_exits_1(monkeypatch):
+    """Internal errors are not user errors: no one-line message, no exit code 2."""
+    import subprocess
+    import sys
+
+    import llama3hp.cli as cli
+
+    def broken(_args):
+        raise KeyError("internal")  # what a bug looks like: not a llama3hp.errors.UserError
+
+    monkeypatch.setattr(cli, "_cmd_info", broken)
+    with pytest.raises(KeyError, match="internal"):
+        main(["info", "tiny"])
+    # ValueError and OSError are not user errors either, unless raised as a UserError.
+    monkeypatch.setattr(cli, "_cmd_info", lambda a: int("not a number"))
+    with pytest.raises(ValueError):
+        main(["info", "tiny"])
+    code = (
+        "import sys, llama3hp.cli as c; c._cmd_info = lambda a: {}['x']; sys.exit(c.main(['info', 'tiny']))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "KeyError" in proc.stderr, proc.stderr
+
+
+def test_layouts_a_tied_preset_cannot_split_are_user_errors(capsys):
+    _one_line_error(
+        capsys,
+        ["train", "--config", "tiny", "model.preset=llama3.2_1b", "parallel.pp=2"],
+        "ties its embedding",
+    )
 
 
 def test_bad_toml_and_resume_without_checkpoint(capsys, tmp_path):

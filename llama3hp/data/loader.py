@@ -23,7 +23,7 @@ calls too (batch ramp); global row j is the same whatever the batch sizes.
 
 Rows and documents. A document longer than a row continues into later samples. Each row's
 document boundaries are cut at the row start: the continued piece is its own segment for the
-attention mask (`cu_seqlens`) and its RoPE positions restart at 0 (`Batch.positions()`). Pieces
+attention mask (`cu_seqlens`) and its RoPE positions restart at 0 (`llama3hp.model.rope.document_positions`). Pieces
 that are not contiguous in the text (after a seq_len change) also start a new segment.
 
 Data parallel. Global rows are assigned to datasets by the greedy blend; each call takes the next
@@ -37,7 +37,6 @@ than cached on disk: they are a few numpy passes over the document lengths.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llama3hp.data.batch import Batch
 from llama3hp.data.blend import Blend, parse_dataset_spec, resolve_weights
 from llama3hp.data.errors import DataError
 from llama3hp.data.indices import DOC_SHUFFLE, SAMPLE_SHUFFLE, build_sample_idx, seeded_permutation
@@ -70,37 +70,6 @@ class DataConfig:
     tokenizer_path: str | None = None
     # Hash every shard on open and compare with the manifest (reads the whole dataset once).
     verify_checksums: bool = False
-
-
-@dataclass
-class Batch:
-    """One rank's rows: inputs/targets LongTensor [B, T], cu_seqlens int32 [n_segments + 1].
-
-    `cu_seqlens` are offsets into the flattened B*T inputs; every row start and every document
-    (or non-contiguous piece) start inside a row begins a segment. `n_tokens` = B*T target tokens.
-    """
-
-    inputs: torch.Tensor
-    targets: torch.Tensor
-    cu_seqlens: torch.Tensor
-    max_seqlen: int
-    n_tokens: int
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        return dataclasses.replace(
-            self,
-            inputs=self.inputs.to(device, non_blocking=non_blocking),
-            targets=self.targets.to(device, non_blocking=non_blocking),
-            cu_seqlens=self.cu_seqlens.to(device, non_blocking=non_blocking),
-        )
-
-    def positions(self) -> torch.Tensor:
-        """RoPE positions LongTensor [B, T]: restart at 0 at every segment start."""
-        B, T = self.inputs.shape
-        cu = self.cu_seqlens.to(torch.int64)
-        lens = cu[1:] - cu[:-1]
-        idx = torch.arange(B * T, device=cu.device)
-        return (idx - torch.repeat_interleave(cu[:-1], lens)).view(B, T)
 
 
 class _Epochs:
@@ -382,7 +351,6 @@ class PackedLoader:
             targets=torch.from_numpy(targets),
             cu_seqlens=torch.from_numpy(cu_arr),
             max_seqlen=int(np.diff(cu_arr).max()),
-            n_tokens=rows * seq_len,
         )
 
     def _identity(self) -> list[dict[str, Any]]:

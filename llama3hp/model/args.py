@@ -6,6 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from llama3hp.errors import ConfigError
 from llama3hp.kernels.dispatch import check_backend
 
 
@@ -24,7 +25,7 @@ class KernelConfig:
             try:
                 check_backend(getattr(self, f.name))
             except ValueError as e:
-                raise ValueError(f"model.kernels.{f.name}: {e}") from None
+                raise ConfigError(f"model.kernels.{f.name}: {e}") from None
 
 
 @dataclass
@@ -83,7 +84,7 @@ class ModelArgs:
         ]
         for ok, msg in checks:
             if not ok:
-                raise ValueError(f"invalid model config: {msg}")
+                raise ConfigError(f"invalid model config: {msg}")
         self.kernels.validate()
         return self
 
@@ -179,5 +180,5 @@ def get_model_args(name: str) -> ModelArgs:
 
         close = difflib.get_close_matches(name, PRESETS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else f"; choose one of {', '.join(PRESETS)}"
-        raise ValueError(f"unknown model preset {name!r}{hint}")
+        raise ConfigError(f"unknown model preset {name!r}{hint}")
     return PRESETS[name]()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from llama3hp.errors import ConfigError, MissingFileError
 from llama3hp.model.args import ModelArgs
 
 BOS_ID, EOS_ID = 128000, 128001
@@ -77,7 +78,7 @@ def _check_keys(sd: dict, args: ModelArgs, what: str) -> None:
     expected |= {f"layers.{i}.{k}" for i in range(args.n_layers) for k in _HF_LAYER}
     missing, extra = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
     if missing or extra:
-        raise ValueError(
+        raise ConfigError(
             f"{what}: state dict does not match the config (missing {missing[:3]}, unexpected {extra[:3]})"
         )
 
@@ -106,7 +107,7 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         elif k.endswith("rotary_emb.inv_freq"):  # older HF checkpoints store this buffer
             continue
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"unexpected tensor {k!r} in the Hugging Face checkpoint: is it a LlamaForCausalLM?"
             )
     return out
@@ -149,7 +150,7 @@ def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
 
 def args_from_hf_config(cfg: dict) -> ModelArgs:
     if cfg.get("model_type", "llama") != "llama":
-        raise ValueError(f"config.json is for model_type {cfg.get('model_type')!r}, not 'llama'")
+        raise ConfigError(f"config.json is for model_type {cfg.get('model_type')!r}, not 'llama'")
     dim, hidden = cfg["hidden_size"], cfg["intermediate_size"]
     args = ModelArgs(
         dim=dim,
@@ -170,7 +171,7 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
     rs = cfg.get("rope_scaling")
     if rs:
         if rs.get("rope_type", rs.get("type")) != "llama3":
-            raise ValueError(
+            raise ConfigError(
                 f"unsupported rope_scaling type {rs.get('rope_type')!r}: only 'llama3' is implemented"
             )
         args.rope_scaling = True
@@ -181,7 +182,7 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
     else:
         args.rope_scaling = False
     if args.ffn_dim != hidden:
-        raise ValueError(f"cannot express intermediate_size {hidden} with Llama's FFN rule for dim {dim}")
+        raise ConfigError(f"cannot express intermediate_size {hidden} with Llama's FFN rule for dim {dim}")
     return args.validate()
 
 
@@ -235,7 +236,7 @@ def load_hf(src: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
 
     src = Path(src)
     if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"no config.json in {src}: point to a Hugging Face LlamaForCausalLM folder")
+        raise MissingFileError(f"no config.json in {src}: point to a Hugging Face LlamaForCausalLM folder")
     args = args_from_hf_config(json.loads((src / "config.json").read_text()))
     index = src / "model.safetensors.index.json"
     files = (
@@ -244,7 +245,7 @@ def load_hf(src: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
         else sorted(p.name for p in src.glob("*.safetensors"))
     )
     if not files:
-        raise FileNotFoundError(f"no .safetensors files in {src}")
+        raise MissingFileError(f"no .safetensors files in {src}")
     hf: dict[str, torch.Tensor] = {}
     for f in files:
         hf.update(load_file(src / f))
@@ -354,11 +355,11 @@ def load_meta(src: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     """
     src = Path(src)
     if not (src / "params.json").is_file():
-        raise FileNotFoundError(f"no params.json in {src}: point to a Meta consolidated checkpoint folder")
+        raise MissingFileError(f"no params.json in {src}: point to a Meta consolidated checkpoint folder")
     args = args_from_meta_params(json.loads((src / "params.json").read_text()))
     files = sorted(src.glob("consolidated.*.pth"))
     if not files:
-        raise FileNotFoundError(f"no consolidated.*.pth in {src}")
+        raise MissingFileError(f"no consolidated.*.pth in {src}")
     parts = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
     if len(parts) == 1:
         meta = parts[0]

@@ -1,4 +1,4 @@
-"""RoPE inverse frequencies with Llama 3.1's frequency scaling."""
+"""RoPE inverse frequencies with Llama 3.1's frequency scaling, and the positions they rotate by."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import math
 
 import torch
 
+import llama3hp.kernels as K
 from llama3hp.model.args import ModelArgs
 
 
@@ -29,3 +30,13 @@ def rope_inv_freq(args: ModelArgs, device: torch.device | str | None = None) -> 
             wavelen < L / hi, inv_freq, torch.where(wavelen > L / lo, inv_freq / scale, blended)
         )
     return inv_freq.to(device=device, dtype=torch.float32)
+
+
+def document_positions(cu_seqlens: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:
+    """RoPE positions int64 [B, T]: restart at 0 at each segment start of cu_seqlens (over the
+    flattened B*T tokens; None: 0..T-1 in every row). The one place positions are built."""
+    if cu_seqlens is None:
+        return torch.arange(T, device=device).expand(B, T)
+    doc = K.document_ids(cu_seqlens, B * T)
+    pos = torch.arange(B * T, device=device, dtype=torch.int64) - cu_seqlens.to(torch.int64)[doc]
+    return pos.view(B, T)

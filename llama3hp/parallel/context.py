@@ -27,6 +27,7 @@ Shape legend: B rows, T global row length, T_l = T/cp local tokens, H/Hk query/K
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -34,15 +35,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import llama3hp.kernels as K
+from llama3hp.data.batch import Batch
 from llama3hp.kernels.attention import attention_varlen, build_cp_query_segments
 from llama3hp.kernels.dispatch import use_triton
+from llama3hp.model.rope import document_positions
 from llama3hp.parallel.comm import (
     all_gather_single,
     group_rank,
     group_size,
     reduce_scatter_single,
 )
-from llama3hp.parallel.tensor import GatherFromSP
+from llama3hp.parallel.tp_comm import GatherFromSP
 
 
 def cp_token_index(T: int, cp: int, rank: int, device=None) -> torch.Tensor:
@@ -59,6 +62,35 @@ def shard_for_cp(x: torch.Tensor, cp: int, rank: int) -> torch.Tensor:
     if cp == 1:
         return x
     return x[:, cp_token_index(x.shape[1], cp, rank, x.device)]
+
+
+def shard_batch(batch: Batch, cp: int, rank: int, *, doc_positions: bool = True) -> Batch:
+    """CP rank `rank`'s view of full rows [B, T]: its load-balanced tokens [B, T/cp] of inputs,
+    targets and loss mask, their RoPE positions in the full rows (restarting per document when
+    doc_positions) and their flat indices in the full rows (`token_index`); cu_seqlens stay global
+    (one segment per row when the batch had none). With cp == 1 only the positions are added."""
+    B, T = batch.inputs.shape
+    dev = batch.inputs.device
+    cu = batch.cu_seqlens
+    pos = batch.positions
+    if pos is None:
+        pos = document_positions(cu if doc_positions else None, B, T, dev)
+    if cp == 1:
+        return dataclasses.replace(batch, positions=pos)
+    if cu is None:
+        cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=dev)
+    idx = cp_token_index(T, cp, rank, dev)
+    local = lambda x: None if x is None else x[:, idx]
+    return dataclasses.replace(
+        batch,
+        inputs=local(batch.inputs),
+        targets=local(batch.targets),
+        loss_mask=local(batch.loss_mask),
+        positions=local(pos),
+        cu_seqlens=cu,
+        max_seqlen=batch.max_seqlen or T,
+        token_index=(torch.arange(B, device=dev)[:, None] * T + idx[None, :]),
+    )
 
 
 # Forward all-gather of K or V over CP along the sequence (rank order); backward reduce-scatter of

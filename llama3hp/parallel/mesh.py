@@ -9,7 +9,6 @@ explicitly (no module-level parallel state).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -216,24 +215,6 @@ class DeviceMesh4D:
     @property
     def dp_cp_rank(self) -> int:
         return self.coords["cp"] + self.dims.cp * self.coords["dp"]
-
-
-def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
-    """Initialise the default process group from torchrun's environment: NCCL on CUDA, gloo on CPU.
-
-    Returns (rank, world_size); (0, 1) without WORLD_SIZE. On CUDA it also selects the local GPU.
-    """
-    import datetime
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world == 1 or dist.is_initialized():
-        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return rank, world
 
 
 def build_mesh(cfg: ParallelConfig, device: torch.device | str | None = None) -> DeviceMesh4D | None:

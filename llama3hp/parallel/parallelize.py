@@ -1,58 +1,54 @@
-"""Apply 4D parallelism to a plain Transformer and run training steps on it.
+"""Apply 4D parallelism to a plain Transformer: `parallelize(model, mesh, cfg)` -> a `StepModel`.
 
-Order (the plain model is either built and initialised whole first, or left on the meta device and
-only this rank's shards materialised after step 2 with the same values: every layout starts from the
-same weights): 1. TP/SP and CP (rewrites attention and FFN, shards weights: must precede any flattening);
-2. pipeline split into this rank's model chunks (keeps parameter names); 3. ZeRO data parallelism
-over DP x CP (flattens what the rank finally holds into buckets). What the trainer calls:
+On one process (mesh None) the model stays as it is, with activation checkpointing, behind the
+`LocalModel` step interface. On a mesh the order is (the plain model is either built and
+initialised whole first, or left on the meta device and only this rank's shards materialised after
+step 2 with the same values: every layout starts from the same weights):
+1. TP/SP and CP (`apply_tp`: swaps attention, FFN, embedding and head, shards weights: must precede
+   any flattening);
+2. the pipeline split into this rank's model chunks (the same Transformer with the parts a stage
+   does not own removed; parameter names kept);
+3. activation checkpointing of the chosen blocks (`apply_ac`);
+4. ZeRO data parallelism over DP x CP (flattens what the rank finally holds into buckets).
 
-    mesh = build_mesh(cfg)                                   # collective, every rank
-    pm = parallelize(model, mesh, cfg)                       # this rank's ParallelModel
-    pm = parallelize(meta_model, mesh, cfg, init_seed=seed)  # ... materialising only its shards
-    opt = torch.optim.AdamW(pm.param_groups(weight_decay), lr=..., betas=..., eps=...)
-    loss = pm.forward_backward(micro_batches)                # all micro-batches of one step
-    norm = pm.clip_grad_norm_(max_norm); opt.step(); pm.after_optimizer_step(); pm.zero_grad()
+    model = parallelize(meta_model, mesh, cfg, init_seed=seed)   # this rank's ParallelModel
+    opt = torch.optim.AdamW(model.param_groups(weight_decay), lr=..., betas=..., eps=...)
+    stats = model.forward_backward(micro_batches, objective)    # all micro-batches of one step
+    norm = model.clip_grad_norm_(max_norm); opt.step(); model.after_optimizer_step(); model.zero_grad()
 
-Shape legend: B rows, T tokens per row, D model dim.
+Every stage runs the model's own forward (`Transformer.forward`); the last one hands the
+`HeadOutput` to the objective. Shape legend: B rows, T tokens per row, D model dim.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-from dataclasses import dataclass
-from types import SimpleNamespace
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from llama3hp.model.llama import document_positions
+from llama3hp.data.batch import Batch
+from llama3hp.model.llama import init_parameter
+from llama3hp.model.rope import rope_inv_freq
+from llama3hp.parallel.ac import apply_ac
 from llama3hp.parallel.comm import all_gather_dim, all_reduce
-from llama3hp.parallel.context import CPComm, shard_for_cp
-from llama3hp.parallel.data import ZeroDataParallel
+from llama3hp.parallel.context import CPComm, shard_batch
 from llama3hp.parallel.mesh import DeviceMesh4D, ParallelConfig, validate_layout
 from llama3hp.parallel.pipeline import PipelineExecutor, build_schedule, partition_layers, simulate
-from llama3hp.parallel.tensor import TPComm, apply_tp, compute_loss
-
-
-@dataclass
-class MicroBatch:
-    """One micro-batch of full rows as the loader gives it to every rank of a DP replica."""
-
-    inputs: torch.Tensor  # [B, T] token ids
-    targets: torch.Tensor  # [B, T] next tokens, -100 ignored
-    cu_seqlens: torch.Tensor | None = None  # int32 [n_docs + 1] over the B*T tokens
-    max_seqlen: int | None = None
-
-
-@dataclass
-class _LocalBatch:
-    tokens: torch.Tensor  # [B, T/cp]
-    targets: torch.Tensor  # [B, T/cp]
-    positions: torch.Tensor  # [B, T/cp] global document positions
-    cu_seqlens: torch.Tensor | None  # global
-    max_seqlen: int | None
+from llama3hp.parallel.step_model import (
+    LocalModel,
+    StepModel,
+    StepStats,
+    StepTotals,
+    autocast_context,
+)
+from llama3hp.parallel.tensor import apply_tp
+from llama3hp.parallel.tp_comm import TPComm
+from llama3hp.parallel.zero import ZeroDataParallel
+from llama3hp.train.objectives import NextTokenLoss, Objective
 
 
 def build_stage_module(model: nn.Module, start: int, end: int, first: bool, last: bool) -> nn.Module:
@@ -82,13 +78,20 @@ def check_schedule(kind: str, pp: int, virtual: int, m: int) -> None:
 
 
 class ParallelModel:
-    """This rank's share of the model (its pipeline chunks, TP/CP-sharded, ZeRO-wrapped) and the
-    step functions the training loop calls."""
+    """This rank's share of the model on a mesh (its pipeline chunks, TP/CP-sharded, ZeRO-wrapped):
+    the StepModel of `llama3hp.parallel.step_model` over the mesh's process groups."""
 
     def __init__(
-        self, model: nn.Module, mesh: DeviceMesh4D, cfg: ParallelConfig, init_seed: int | None = None
+        self,
+        model: nn.Module,
+        mesh: DeviceMesh4D,
+        cfg: ParallelConfig,
+        init_seed: int | None = None,
+        *,
+        ac_every: int | None = None,
+        amp_dtype: torch.dtype | None = None,
     ):
-        self.mesh, self.cfg, self.args = mesh, cfg, model.args
+        self.mesh, self.cfg, self.args, self.amp_dtype = mesh, cfg, model.args, amp_dtype
         on_meta = any(p.is_meta for p in model.parameters())
         if on_meta and init_seed is None:
             raise ValueError(
@@ -109,88 +112,80 @@ class ParallelModel:
             mesh.tp_group, cfg.sequence_parallel, cfg.tp_overlap, cfg.tp_overlap_chunks, cfg.tp_chunked_loss
         )
         self.cp = CPComm(mesh.cp_group, cfg.cp_overlap)
-        apply_tp(model, self.tp, self.cp if self.cp.size > 1 else None)
+        # {name: dim split over TP} of the sharded parameters: owned here, read by materialisation,
+        # ZeRO's bucketing, full state dicts and the checkpoint views.
+        self.tp_dims = apply_tp(model, self.tp, self.cp if self.cp.size > 1 else None)
         self.virtual = cfg.pp_virtual_stages if cfg.pp_schedule == "interleaved" else 1
         ranges = partition_layers(
             model.args.n_layers, pp, self.virtual, cfg.pp_edge_cost, cfg.pp_stage_layers
         )
-        n_vs = pp * self.virtual
+        self.n_vs = pp * self.virtual
         self.chunks = []
         for c in range(self.virtual):
             vs = c * pp + mesh.pp_rank
-            self.chunks.append(build_stage_module(model, *ranges[vs], first=vs == 0, last=vs == n_vs - 1))
-        self.n_vs = n_vs
+            self.chunks.append(
+                build_stage_module(model, *ranges[vs], first=vs == 0, last=vs == self.n_vs - 1)
+            )
         if init_seed is not None:  # after TP and the pipeline split: only what this rank keeps
-            materialize_local(self.chunks, self.tp, mesh.device, init_seed)
+            materialize_local(self.chunks, self.tp, self.tp_dims, mesh.device, init_seed)
+        apply_ac(self.chunks, ac_every)
+        named = self.named_parameters()
         self.dp = ZeroDataParallel(
             self.chunks, mesh.dp_cp_group, stage=cfg.zero_stage, bucket_mb=cfg.dp_bucket_mb,
-            overlap=cfg.dp_overlap, tp_group=mesh.tp_group, sequence_parallel=self.tp.size > 1 and cfg.sequence_parallel,
-            backward_prefetch=cfg.zero3_backward_prefetch,
-            gather_dtype=getattr(torch, cfg.zero3_gather_dtype),
+            overlap=cfg.dp_overlap, tp_sharded=[named[n] for n in self.tp_dims if n in named],
+            tp_group=mesh.tp_group, sequence_parallel=self.tp.size > 1 and cfg.sequence_parallel,
+            backward_prefetch=cfg.zero3_backward_prefetch, gather_dtype=getattr(torch, cfg.zero3_gather_dtype),
         )  # fmt: skip
         self.executor = PipelineExecutor(mesh.pp_group, mesh.pp_ranks, mesh.pp_rank, self.virtual)
 
     # ------------------------------------------------------------------ the step
-    def _localize(self, b: MicroBatch) -> _LocalBatch:
-        B, T = b.inputs.shape
-        cu = b.cu_seqlens
-        pos = document_positions(cu if self.args.doc_positions else None, B, T, b.inputs.device)
-        cp, r = self.cp.size, self.cp.rank
-        return _LocalBatch(
-            shard_for_cp(b.inputs, cp, r),
-            shard_for_cp(b.targets, cp, r),
-            shard_for_cp(pos, cp, r),
-            cu,
-            b.max_seqlen,
-        )
-
-    def _stage_forward(self, chunk: nn.Module, lb: _LocalBatch, x: torch.Tensor | None, z_loss_scale: float):
-        h = chunk.tok_embeddings(lb.tokens) if chunk.tok_embeddings is not None else x
-        for layer in chunk.layers.values():
-            h = layer(h, lb.positions, chunk.inv_freq, lb.cu_seqlens, lb.max_seqlen)
-        if chunk.norm is None:
-            return h
-        return compute_loss(chunk, chunk.norm(h), lb.targets, self.tp, z_loss_scale=z_loss_scale)
-
-    def forward_backward(
-        self, batches: list[MicroBatch], *, n_targets: torch.Tensor | None = None, z_loss_scale: float = 0.0
-    ) -> torch.Tensor:
-        """Forward and backward of every micro-batch of one optimizer step through the pipeline schedule;
-        gradients end reduced (and sharded) for the optimizer. Each micro-batch's loss is its sum over
-        target tokens divided by `n_targets`, the step's global count of target tokens (computed over
-        the DP ranks when None), so the gradient is that of the global mean loss.
-        Returns the global mean loss (fp32 scalar, the same on every rank)."""
+    def forward_backward(self, batches: list[Batch], objective: Objective | None = None) -> StepStats:
+        """Forward and backward of every micro-batch of one optimizer step through the pipeline
+        schedule; gradients end reduced (and sharded) for the optimizer. Each micro-batch's loss sum
+        is divided by the step's global count (over the DP ranks), so the gradient is that of the
+        global mean. Returns the same StepStats on every rank."""
+        objective = objective or NextTokenLoss()
         m = len(batches)
         if self.cfg.pp_schedule == "interleaved" or self.mesh.dims.pp > 1:
             check_schedule(self.cfg.pp_schedule, self.mesh.dims.pp, self.virtual, m)
         dev = batches[0].inputs.device
-        if n_targets is None:
-            n_targets = sum((b.targets != -100).sum() for b in batches).to(torch.float32)
-            all_reduce(n_targets, self.mesh.dp_group)
-        n_targets = n_targets.clamp(min=1.0)
-        local = [self._localize(b) for b in batches]
-        loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
+        count = sum(objective.count(b) for b in batches)
+        all_reduce(count, self.mesh.dp_group)
+        count = count.clamp(min=1.0)
+        local = [
+            shard_batch(b, self.cp.size, self.cp.rank, doc_positions=self.args.doc_positions) for b in batches
+        ]
+        totals = StepTotals(dev)
         self.dp.begin_step(m)
 
         def forward(mb: int, c: int, x: torch.Tensor | None) -> torch.Tensor:
-            nonlocal loss_sum
-            out = self._stage_forward(self.chunks[c], local[mb], x, z_loss_scale)
-            if self.chunks[c].norm is not None:  # last virtual stage: the loss
-                loss_sum = loss_sum + out.detach()
-                return out / n_targets
-            return out
+            b = local[mb]
+            with autocast_context(self.amp_dtype, dev):
+                out = self.chunks[c](
+                    b.inputs if x is None else x, cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen,
+                    positions=b.positions,
+                )  # fmt: skip
+                if self.chunks[c].output is None:  # not the last virtual stage: hidden states on
+                    return out
+                result = objective(out, b)
+            totals.add(result)
+            return result.loss_sum / count
 
-        B, Tl = local[0].tokens.shape
+        B, Tl = local[0].inputs.shape
         sp = self.tp.size > 1 and self.cfg.sequence_parallel
         act_shape = (B, Tl // self.tp.size if sp else Tl, self.args.dim)
         act_dtype = next(iter(self.chunks[0].parameters())).dtype
         actions = build_schedule(self.cfg.pp_schedule, self.mesh.dims.pp, self.virtual, m, self.mesh.pp_rank)
         self.executor.run(actions, forward, act_shape, act_dtype, dev)
         self.dp.finish_grad_sync()
-        # The loss lives on the last stage, summed over this rank's CP tokens and DP rows.
-        all_reduce(loss_sum, self.mesh.dp_cp_group)
-        all_reduce(loss_sum, self.mesh.pp_group)
-        return loss_sum / n_targets
+        # The sums live on the last stage, over this rank's CP tokens and DP rows.
+        reduced = [totals.loss, *totals.stats.values()]
+        flat = torch.stack(reduced) if len(reduced) > 1 else reduced[0].view(1)
+        all_reduce(flat, self.mesh.dp_cp_group)
+        all_reduce(flat, self.mesh.pp_group)
+        totals.loss = flat[0]
+        totals.stats = dict(zip(totals.stats, flat[1:]))
+        return totals.result(count)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Global L2 norm of the gradient over all ranks; grads scaled down to max_norm when above."""
@@ -213,7 +208,7 @@ class ParallelModel:
 
     # ------------------------------------------------------------------ state
     def named_parameters(self) -> dict[str, nn.Parameter]:
-        """This rank's parameters under their full model names (TP shards carry `_tp_dim`)."""
+        """This rank's parameters under their full model names (TP shards: see `tp_dims`)."""
         out = {}
         for chunk in self.chunks:
             out.update(dict(chunk.named_parameters()))
@@ -226,8 +221,8 @@ class ParallelModel:
             mine = {}
             for name, p in self.named_parameters().items():
                 t = p.detach()
-                if self.tp.size > 1 and p._tp_dim is not None:
-                    t = all_gather_dim(t.contiguous(), p._tp_dim, self.tp.group)
+                if self.tp.size > 1 and name in self.tp_dims:
+                    t = all_gather_dim(t.contiguous(), self.tp_dims[name], self.tp.group)
                 mine[name] = t.cpu().clone()
         if self.mesh.pp_group is None:
             return mine
@@ -241,53 +236,63 @@ class ParallelModel:
         for name, p in self.named_parameters().items():
             shape = list(p.shape)
             offsets = [0] * p.dim()
-            if p._tp_dim is not None:
-                offsets[p._tp_dim] = self.tp.rank * shape[p._tp_dim]
-                shape[p._tp_dim] *= self.tp.size
+            if name in self.tp_dims:
+                d = self.tp_dims[name]
+                offsets[d] = self.tp.rank * shape[d]
+                shape[d] *= self.tp.size
             out[name] = (tuple(offsets), tuple(shape))
         return out
 
+    def global_shapes(self) -> dict[str, tuple[int, ...]]:
+        from llama3hp.parallel.checkpoint_views import global_shapes
 
-def init_parameter_full(args, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """The fp32 CPU value [shape] that `Transformer.init_weights(seed)` gives the parameter `name`.
+        return global_shapes(self)
 
-    It runs init_weights itself on a stand-in holding only this parameter (the method reads
-    `args`, `inv_freq` and `named_parameters()`), so the rule has one definition: a parameter's
-    value depends on (seed, name) alone.
-    """
-    from llama3hp.model import Transformer
+    def checkpoint_state(self, optimizer: torch.optim.Optimizer | None, *, for_save: bool) -> dict[str, Any]:
+        from llama3hp.parallel.checkpoint_views import sharded_state_dict
 
-    value = torch.empty(shape, dtype=torch.float32)
-    stand_in = SimpleNamespace(args=args, inv_freq=torch.empty(0), named_parameters=lambda: [(name, value)])
-    Transformer.init_weights(stand_in, seed=seed)
-    return value
+        return sharded_state_dict(self, optimizer, self.mesh.world_group, for_save=for_save)
+
+    def finish_load(self, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> None:
+        from llama3hp.parallel.checkpoint_views import finish_load
+
+        finish_load(self, optimizer, state)
+
+    def fp8_linear_names(self) -> list[str]:
+        from llama3hp.fp8 import fp8_linear_names
+
+        mine = sorted({name for chunk in self.chunks for name in fp8_linear_names(chunk)})
+        if self.mesh.pp_group is None:
+            return mine
+        parts: list[list[str]] = [[] for _ in range(self.mesh.dims.pp)]
+        dist.all_gather_object(parts, mine, group=self.mesh.pp_group)
+        return sorted({name for part in parts for name in part})
 
 
-def materialize_local(chunks: list[nn.Module], tp: TPComm, device: torch.device, seed: int) -> None:
+def materialize_local(
+    chunks: list[nn.Module], tp: TPComm, tp_dims: dict[str, int], device: torch.device, seed: int
+) -> None:
     """Give each meta parameter of this rank's chunks its TP shard of the whole model's initial value.
 
-    Per parameter, one at a time: the FULL tensor is drawn on the CPU (its generator is seeded by
-    name and draws every element, so a slice cannot be drawn alone) and this rank's slice along
-    `_tp_dim` is copied to `device`. Peak host memory is the largest parameter (the 405B embedding:
-    128,256 x 16,384 fp32 = 8.4 GB); time is that of drawing every parameter this rank holds whole,
-    ~1/pp of the model (405B, PP16: ~25G normal samples per rank, minutes on one CPU core), against
-    the whole model (1.6 TB fp32) per rank for whole-then-shard.
+    Per parameter, one at a time: the FULL tensor is drawn on the CPU (`init_parameter`: its
+    generator is seeded by name and draws every element, so a slice cannot be drawn alone) and this
+    rank's slice along tp_dims[name] is copied to `device`. Peak host memory is the largest
+    parameter (the 405B embedding: 128,256 x 16,384 fp32 = 8.4 GB); time is that of drawing every
+    parameter this rank holds whole, ~1/pp of the model (405B, PP16: ~25G normal samples per rank,
+    minutes on one CPU core), against the whole model (1.6 TB fp32) per rank for whole-then-shard.
     """
-    from llama3hp.model.rope import rope_inv_freq
-
     for chunk in chunks:
         for name, p in chunk.named_parameters():
             if not p.is_meta:
                 continue
-            dim = getattr(p, "_tp_dim", None)
+            dim = tp_dims.get(name)
             full_shape = list(p.shape)
             if dim is not None:
                 full_shape[dim] *= tp.size
-            value = init_parameter_full(chunk.args, name, tuple(full_shape), seed)
+            value = init_parameter(chunk.args, name, tuple(full_shape), seed)
             if dim is not None:
                 value = value.chunk(tp.size, dim=dim)[tp.rank]
             new = nn.Parameter(value.to(device=device, dtype=p.dtype).contiguous(), p.requires_grad)
-            new._tp_dim = dim
             # In place of the meta tensor (set_data refuses a device change): every module and chunk
             # that holds this Parameter object sees the value.
             torch.utils.swap_tensors(p, new)
@@ -295,12 +300,23 @@ def materialize_local(chunks: list[nn.Module], tp: TPComm, device: torch.device,
 
 
 def parallelize(
-    model: nn.Module, mesh: DeviceMesh4D, cfg: ParallelConfig, *, init_seed: int | None = None
-) -> ParallelModel:
-    """This rank's ParallelModel (see the module docstring).
+    model: nn.Module,
+    mesh: DeviceMesh4D | None,
+    cfg: ParallelConfig,
+    *,
+    init_seed: int | None = None,
+    ac_every: int | None = None,
+    amp_dtype: torch.dtype | None = None,
+) -> StepModel:
+    """This rank's StepModel (see the module docstring): a LocalModel on one process (mesh None, the
+    model materialised), a ParallelModel on a mesh.
 
-    `model` is either materialised and initialised (whole-then-shard), or on the meta device with
-    `init_seed` given: then only this rank's shards are materialised on mesh.device, equal to the
-    slices of `model.init_weights(init_seed)` (`materialize_local`).
+    On a mesh `model` is either materialised and initialised (whole-then-shard), or on the meta
+    device with `init_seed` given: then only this rank's shards are materialised on mesh.device,
+    equal to the slices of `model.init_weights(init_seed)` (`materialize_local`). ac_every: checkpoint
+    the activations of every ac_every-th block (None: none). amp_dtype: autocast dtype of the forwards.
     """
-    return ParallelModel(model, mesh, cfg, init_seed)
+    if mesh is None:
+        apply_ac(model, ac_every)
+        return LocalModel(model, amp_dtype=amp_dtype)
+    return ParallelModel(model, mesh, cfg, init_seed, ac_every=ac_every, amp_dtype=amp_dtype)

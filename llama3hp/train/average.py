@@ -18,11 +18,11 @@ from llama3hp.train import checkpoint as ckpt
 def average_state_dicts(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Element-wise mean of state dicts with identical keys and shapes (fp32 accumulation)."""
     if not states:
-        raise ValueError("nothing to average: give at least one checkpoint")
+        raise ckpt.CheckpointMismatch("nothing to average: give at least one checkpoint")
     keys = set(states[0])
     for i, sd in enumerate(states[1:], 1):
         if set(sd) != keys:
-            raise ValueError(
+            raise ckpt.CheckpointMismatch(
                 f"checkpoint {i} has different tensors from checkpoint 0: they come from different models"
             )
     out = {}
@@ -30,7 +30,7 @@ def average_state_dicts(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, 
         acc = torch.zeros(ref.shape, dtype=torch.float32)
         for i, sd in enumerate(states):
             if sd[k].shape != ref.shape:
-                raise ValueError(
+                raise ckpt.CheckpointMismatch(
                     f"'{k}' has shape {tuple(sd[k].shape)} in checkpoint {i} but {tuple(ref.shape)} in checkpoint 0"
                 )
             acc += sd[k].float()

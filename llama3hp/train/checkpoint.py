@@ -17,7 +17,7 @@ On a mesh (`group` given) every rank writes its own shards into the temp folder 
 collective: it returns once every rank's files and the `.metadata` exist); rank 0 alone writes the
 run-level files, the manifest over every rank's files, renames and moves `latest`; its outcome is
 broadcast so every rank raises the same one-line error. Loading verifies the manifest on rank 0
-only. The stored tensors always have global shapes (see `llama3hp/parallel/state.py`), so any
+only. The stored tensors always have global shapes (see `llama3hp/parallel/checkpoint_views.py`), so any
 layout, or one process, reads them.
 """
 
@@ -42,6 +42,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from llama3hp.errors import UserError
+
 MANIFEST = "manifest.sha256.json"
 TRAIN_STATE = "train_state.json"
 RNG_STATE = "rng.pkl"
@@ -49,8 +51,12 @@ LATEST = "latest"
 STEP_RE = re.compile(r"^step-(\d{8})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, incomplete or corrupted; the message is one line."""
+
+
+class CheckpointMismatch(CheckpointError, ValueError):
+    """Checkpoints (or a checkpoint and a config) that do not fit together."""
 
 
 def step_dirname(step: int) -> str:
@@ -62,7 +68,7 @@ def _quiet_dcp():
     # DCP warns on every call that no process group exists; single-process saves are intended.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        # Mesh checkpoints hand DCP ShardedTensors of arbitrary row blocks (parallel/state.py): the
+        # Mesh checkpoints hand DCP ShardedTensors of arbitrary row blocks (parallel/checkpoint_views.py): the
         # one DCP container that takes per-rank chunk lists; DTensor placements cannot express them.
         warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor.*", category=FutureWarning)
         yield
@@ -299,97 +305,68 @@ def load_model_state(path: str | Path, *, verify: bool = True) -> dict[str, torc
     return state["model"]
 
 
-def check_model_matches(path: Path, model_state: dict[str, Any]) -> None:
-    """One-line error unless the checkpoint's model tensors have the shapes the config builds
-    (`model_state` values: tensors, or global shapes)."""
+def check_model_matches(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """One-line error unless the checkpoint's model tensors have the global shapes the config builds."""
     stored = stored_shapes(path)
-    for key, t in model_state.items():
-        shape = tuple(t) if isinstance(t, (tuple, list, torch.Size)) else tuple(t.shape)
+    for key, shape in shapes.items():
         if key not in stored:
             raise CheckpointError(f"checkpoint {path} has no '{key}': it was saved from a different model")
-        if tuple(stored[key][0]) != shape:
+        if tuple(stored[key][0]) != tuple(shape):
             raise CheckpointError(
                 f"checkpoint {path} has '{key}' of shape {tuple(stored[key][0])} but the config builds "
-                f"{shape}: set model.preset / model fields to match the checkpoint"
+                f"{tuple(shape)}: set model.preset / model fields to match the checkpoint"
             )
 
 
-def load_checkpoint(
-    path: str | Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    *,
-    verify: bool = True,
-) -> dict[str, Any]:
-    """Load a checkpoint's weights (and optimizer state if given and stored) into `model` /
-    `optimizer`; return its train state (plus "path"). RNG states are left to the caller."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+def _step_model(model: Any) -> Any:
+    """A StepModel (`llama3hp.parallel.step_model`) for `model`; a plain nn.Module is wrapped."""
+    if isinstance(model, torch.nn.Module):
+        from llama3hp.parallel.step_model import LocalModel
 
-    path = resolve_checkpoint(path)
-    if verify:
-        verify_checkpoint(path)
-    meta = read_train_state(path)
-    with_optim = optimizer is not None and meta.get("kind") == "full"
-    model_sd, optim_sd = get_state_dict(model, optimizer if with_optim else [])
-    check_model_matches(path, model_sd)
-    state: dict[str, Any] = {"model": model_sd}
-    if with_optim:
-        # Only the per-parameter state is read: hyperparameters come from the config, and a
-        # checkpoint written on a mesh stores no param_groups.
-        state["optim"] = {"state": optim_sd["state"]}
-    dcp_load(state, path)
-    if with_optim:
-        state["optim"]["param_groups"] = optim_sd["param_groups"]
-    set_state_dict(
-        model,
-        optimizer if with_optim else [],
-        model_state_dict=state["model"],
-        optim_state_dict=state["optim"] if with_optim else {},
-    )
-    return {**meta, "path": str(path)}
+        return LocalModel(model)
+    return model
 
 
-def save_sharded_checkpoint(
+def save_model_checkpoint(
     folder: str | Path,
     step: int,
-    pm: Any,
+    model: Any,
     optimizer: torch.optim.Optimizer | None,
     *,
-    group: dist.ProcessGroup | None,
     train_state: dict[str, Any],
     rng: dict[str, Any] | None = None,
     keep: int = 0,
+    group: dist.ProcessGroup | None = None,
 ) -> Path:
-    """Every rank of a mesh (`pm`: a ParallelModel) writes its unique shards of the weights and AdamW
-    state under their global names and shapes; see `save_checkpoint` for the protocol."""
-    from llama3hp.parallel.state import sharded_state_dict
-
-    sd = sharded_state_dict(pm, optimizer, group, for_save=True)
+    """Checkpoint `step` of a model (a StepModel on one process or a mesh, or an nn.Module) and its
+    AdamW state: every rank writes its unique shards under the global names and shapes (see
+    `save_checkpoint` for the protocol and `llama3hp/parallel/checkpoint_views.py` for the views)."""
+    sd = _step_model(model).checkpoint_state(optimizer, for_save=True)
     return save_checkpoint(
         folder, step, model_state=sd["model"], optim_state=sd.get("optim"), train_state=train_state,
         rng=rng, keep=keep, group=group,
     )  # fmt: skip
 
 
-def load_sharded_checkpoint(
+def load_checkpoint(
     path: str | Path,
-    pm: Any,
+    model: Any,
     optimizer: torch.optim.Optimizer | None = None,
     *,
-    group: dist.ProcessGroup | None,
+    group: dist.ProcessGroup | None = None,
     verify: bool = True,
 ) -> dict[str, Any]:
-    """Load a checkpoint saved under any layout into this rank's shards (`pm`: a ParallelModel) and,
-    if given and stored, the AdamW state; return the train state (plus "path")."""
-    from llama3hp.parallel.state import finish_load, global_shapes, sharded_state_dict
-
+    """Load a checkpoint saved under any layout (or by one process, `import` or `average`) into
+    `model` (a StepModel: this rank's shards; or an nn.Module) and, if given and stored, the AdamW
+    state; return its train state (plus "path"). RNG states are left to the caller."""
+    model = _step_model(model)
     path = resolve_checkpoint(path)
     if verify:
         verify_checkpoint_shared(path, group)
     meta = read_train_state(path)
-    check_model_matches(path, global_shapes(pm))
+    check_model_matches(path, model.global_shapes())
     with_optim = optimizer is not None and meta.get("kind") == "full"
-    state = sharded_state_dict(pm, optimizer if with_optim else None, group, for_save=False)
+    state = model.checkpoint_state(optimizer if with_optim else None, for_save=False)
     dcp_load(state, path, group)
-    finish_load(pm, optimizer if with_optim else None, state)
+    model.finish_load(optimizer if with_optim else None, state)
     return {**meta, "path": str(path)}

@@ -10,10 +10,9 @@ MFU (model FLOPs utilisation), as in PaLM:
   backward model FLOPs (6 x matmul parameters + causal attention pairs of the documents actually
   packed, from the batch's cu_seqlens). Recomputation is not counted.
 - peak: dense bf16 tensor-core FLOP/s of the GPU from `PEAK_BF16_FLOPS` by device name; on CPU
-  the fp32 matmul rate measured once at start (`measure_cpu_peak`: the best of a few 1024^3
-  matmuls), so CPU MFU reads as "fraction of what this machine's BLAS reaches", not a vendor peak.
-  On a shared machine that measurement can land in a busy moment; every step's achieved FLOP/s is
-  also a lower bound on the peak, so a measured peak is raised to the best rate seen (MFU <= 1).
+  the fp32 matmul rate measured once at start-up (`measure_cpu_peak`: the best of several 1024^3
+  matmuls on all threads), so CPU MFU reads as "fraction of what this machine's BLAS reaches", not
+  a vendor peak. It is fixed for the run: MFU is then comparable from step to step and run to run.
   `metrics.peak_flops` overrides both.
 
 With FP8 on (`fp8.recipe` not "none") each row also carries, from `llama3hp.fp8.fp8_mfu`:
@@ -39,10 +38,13 @@ import os
 import resource
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from llama3hp.errors import ConfigError
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks from the vendors' data sheets, FLOP/s.
 # Matched in order: the first key contained in the device name wins (PCIe before the SXM default).
@@ -84,8 +86,9 @@ def gpu_peak_flops(name: str) -> float | None:
     return _lookup(PEAK_BF16_FLOPS, name)
 
 
-def measure_cpu_peak(n: int = 1024, repeats: int = 3) -> float:
-    """Best fp32 matmul FLOP/s of an n x n x n product on this CPU (about 0.1 s on 2 cores)."""
+def measure_cpu_peak(n: int = 1024, repeats: int = 8) -> float:
+    """Best fp32 matmul FLOP/s of an n x n x n product on this CPU (about 0.3 s on 2 cores): the
+    best of several, so a busy moment of a shared machine does not lower it."""
     a = torch.randn(n, n, generator=torch.Generator().manual_seed(0))
     b = torch.randn(n, n, generator=torch.Generator().manual_seed(1))
     a @ b  # warm-up: thread pool, allocator
@@ -291,3 +294,108 @@ def format_summary(rows: Sequence[dict[str, Any]], wall_s: float) -> str:
             else ""
         )
     )
+
+
+@dataclass
+class MetricsConfig:
+    """What is logged each step and where (TOML section [metrics])."""
+
+    log_interval: int = 1  # write a metrics row every N steps
+    jsonl: bool = True  # write <run dir>/metrics.jsonl
+    tensorboard: bool = False  # also write TensorBoard events when torch.utils.tensorboard imports
+    progress: bool = True  # tqdm progress bar with loss, tok/s and MFU
+    plot: bool = True  # write <run dir>/loss.png at the end
+    gpu_telemetry: bool = True  # SM clock, temperature, power via nvidia-ml-py on CUDA
+    profile_steps: list[int] = field(default_factory=list)  # [start, end): torch.profiler trace window
+    peak_flops: float = 0.0  # peak FLOP/s for MFU (0 = from the GPU table, or measured on CPU)
+    peak_fp8_flops: float = 0.0  # FP8 peak FLOP/s for the FP8 MFUs (0 = from the GPU table; see above)
+
+    def validate(self) -> None:
+        if self.log_interval <= 0:
+            raise ConfigError(f"metrics.log_interval must be positive, got {self.log_interval}")
+        p = self.profile_steps
+        if p and (len(p) != 2 or not 0 <= p[0] < p[1]):
+            raise ConfigError(f"metrics.profile_steps must be [start, end) with 0 <= start < end, got {p}")
+        if self.peak_flops < 0 or self.peak_fp8_flops < 0:
+            raise ConfigError("metrics.peak_flops and metrics.peak_fp8_flops must be >= 0")
+
+
+class MetricsProcessor:
+    """A run's metrics: completes each step's row (tokens/s, MFU against the peak fixed at start,
+    memory, the FP8 and GPU columns), writes it (rank 0 only), drives the progress bar, and at the
+    end plots the loss and prints the summary."""
+
+    def __init__(
+        self,
+        cfg: MetricsConfig,
+        run_dir: Path,
+        device: torch.device,
+        model_args: Any,
+        *,
+        leader: bool,
+        world_size: int,
+        total_steps: int,
+        first_step: int,
+        fp8_recipe: str | None = None,
+        fp8_fqns: Sequence[str] = (),
+    ):
+        from tqdm import tqdm
+
+        from llama3hp.model.flops import flops_per_token
+
+        self.cfg, self.run_dir, self.device, self.args = cfg, run_dir, device, model_args
+        self.leader, self.world_size, self.total_steps = leader, world_size, total_steps
+        self.flops_per_token = flops_per_token
+        self.peak = peak_flops(device, cfg.peak_flops)[0] if leader else 1.0
+        self.fp8_recipe, self.fp8_fpt = fp8_recipe, 0.0
+        if fp8_recipe is not None and fp8_fqns:
+            from llama3hp.fp8 import fp8_flops_per_token
+
+            self.fp8_fpt = fp8_flops_per_token(model_args, fqns=list(fp8_fqns))
+        self.logger = MetricsLogger(
+            run_dir, jsonl=cfg.jsonl and leader, tensorboard=cfg.tensorboard and leader
+        )
+        self.telemetry = GpuTelemetry(device) if cfg.gpu_telemetry and leader else None
+        self.rows: list[dict[str, Any]] = []
+        self.bar = tqdm(
+            total=total_steps, initial=first_step, disable=not (cfg.progress and leader), unit="step",
+            dynamic_ncols=True,
+        )  # fmt: skip
+
+    def log(self, row: dict[str, Any], step_time_s: float, doc_lens: list[int]) -> dict[str, Any]:
+        """Complete a step's row (its "step", "loss", "tokens", "seq_len", ...) with the timing
+        columns, record it, and write it every log_interval steps; returns it."""
+        tok_s = row["tokens"] / step_time_s
+        fpt = self.flops_per_token(self.args, row["seq_len"], doc_lens)
+        row.update(
+            step_time_s=step_time_s,
+            tokens_per_s=tok_s,
+            flops_per_token=fpt,
+            mfu=mfu(tok_s, fpt, self.peak, self.world_size),
+            peak_mem_gib=peak_memory_bytes(self.device) / 1024**3,
+        )
+        if self.fp8_recipe is not None:
+            peak8, note = fp8_peak_flops(self.device, self.peak, self.cfg.peak_fp8_flops)
+            row["fp8_recipe"] = self.fp8_recipe
+            row.update(fp8_fields(tok_s, fpt, self.fp8_fpt, self.peak, peak8, self.world_size, note))
+        if self.telemetry is not None:
+            row.update(self.telemetry.read())
+        self.rows.append(row)
+        if self.leader and (row["step"] % self.cfg.log_interval == 0 or row["step"] == self.total_steps):
+            self.logger.log(row)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * row['mfu']:.2f}%")
+        return row
+
+    def close(self) -> None:
+        self.bar.close()
+        self.logger.close()
+
+    def finish(self, wall_s: float) -> None:
+        """After the last step (rank 0): loss.png and the one-line summary."""
+        if not self.leader:
+            return
+        path = self.logger.path
+        if self.cfg.plot and path is not None and path.is_file():
+            plot_loss(read_jsonl(path), self.run_dir / "loss.png")
+        print(format_summary(self.rows, wall_s), flush=True)

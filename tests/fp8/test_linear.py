@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from llama3hp.fp8 import BLOCK_LINEARS, Fp8Config, Fp8Gemms, Fp8Linear, apply_fp8, select_fp8_linears
-from llama3hp.model import Transformer, get_model_args
+from llama3hp.model import OutputHead, Transformer, get_model_args
 
 
 def _rel(a, b):
@@ -130,7 +130,7 @@ def test_apply_fp8_selection_and_state_dict():
     assert all(isinstance(model.get_submodule(n), Fp8Linear) for n in converted)
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
-    assert isinstance(model.tok_embeddings, nn.Embedding) and type(model.output) is nn.Linear
+    assert isinstance(model.tok_embeddings, nn.Embedding) and type(model.output) is OutputHead
 
     fresh = Transformer(_tiny_args())
     skip = select_fp8_linears(fresh, Fp8Config(skip_first_last_blocks=True))

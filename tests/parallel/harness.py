@@ -23,11 +23,13 @@ import traceback
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
+from llama3hp.data.batch import Batch
 from llama3hp.fp8 import Fp8Config, Fp8Linear, apply_fp8
 from llama3hp.model import ModelArgs, Transformer
-from llama3hp.model.llama import set_activation_checkpointing
-from llama3hp.parallel import MicroBatch, ParallelConfig, build_mesh, parallelize
+from llama3hp.parallel import ParallelConfig, build_mesh, parallelize
+from llama3hp.parallel.ac import apply_ac
 
 TIMEOUT_S = 240
 
@@ -66,10 +68,14 @@ def tp_linear_case(B: int, T: int, D: int, O: int) -> TPLinearCase:
     )
 
 
-def make_batches(step: int, dp: int, micro: int, rows: int, T: int, vocab: int) -> list[list[MicroBatch]]:
+def make_batches(
+    step: int, dp: int, micro: int, rows: int, T: int, vocab: int, loss_mask: bool = False
+) -> list[list[Batch]]:
     """batches[dp_rank][i]: `micro` micro-batches of `rows` rows per DP rank; packed documents of
-    random lengths (crossing CP chunk borders), some ignored targets."""
+    random lengths (crossing CP chunk borders), some ignored targets; with loss_mask, a random loss
+    mask too (drawn from a generator of its own: the tokens stay those of the other cases)."""
     g = torch.Generator().manual_seed(1000 + step)
+    gm = torch.Generator().manual_seed(2000 + step)
     out = []
     for _ in range(dp):
         mbs = []
@@ -82,9 +88,57 @@ def make_batches(step: int, dp: int, micro: int, rows: int, T: int, vocab: int) 
             targets = tokens[:, 1:].clone()
             targets[torch.rand(targets.shape, generator=g) < 0.1] = -100
             cu = torch.tensor(bounds, dtype=torch.int32)
-            mbs.append(MicroBatch(tokens[:, :-1].contiguous(), targets, cu, int((cu[1:] - cu[:-1]).max())))
+            mask = torch.rand(targets.shape, generator=gm) < 0.6 if loss_mask else None
+            mbs.append(Batch(tokens[:, :-1].contiguous(), targets, cu, int((cu[1:] - cu[:-1]).max()), mask))
         out.append(mbs)
     return out
+
+
+class DocumentLogprobLoss:
+    """A DPO-like objective for the layout tests: a nonlinear function of each document's summed
+    log-probability (softplus(-0.05 log p(doc))), averaged over documents. Under context parallelism
+    it needs the whole-document sums on every rank and each document counted once."""
+
+    def count(self, b: Batch) -> torch.Tensor:
+        return torch.tensor(float(b.cu_seqlens.numel() - 1))
+
+    def __call__(self, out, b: Batch):
+        from llama3hp.train.objectives import ObjectiveOutput
+
+        per_doc = F.softplus(-0.05 * out.document_logprobs(b))
+        owned = out.owned_documents(b)
+        return ObjectiveOutput((per_doc * owned).sum(), owned.sum().float())
+
+
+def _reference_targets(b: Batch, objective: str | None) -> torch.Tensor:
+    return b.targets.masked_fill(~b.loss_mask, -100) if objective == "masked" else b.targets
+
+
+def reference_count(b: Batch, objective: str | None) -> torch.Tensor:
+    if objective == "doc_logprob":
+        return torch.tensor(float(b.cu_seqlens.numel() - 1))
+    return (_reference_targets(b, objective) != -100).sum().float()
+
+
+def reference_loss_sum(model: Transformer, b: Batch, objective: str | None) -> torch.Tensor:
+    """The loss sum of `objective` on the plain model, written without the objectives module: the
+    cross-entropy of the (masked) targets, or DocumentLogprobLoss from per-token losses."""
+    targets = _reference_targets(b, objective)
+    kw = dict(cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen)
+    if objective != "doc_logprob":
+        return model(b.inputs, targets=targets, reduction="sum", **kw)
+    logp = -model(b.inputs, targets=targets, reduction="none", **kw)
+    doc = torch.searchsorted(b.cu_seqlens[1:].long(), torch.arange(logp.numel()), right=True)
+    per_doc = torch.zeros(b.cu_seqlens.numel() - 1).index_add(0, doc, logp)
+    return F.softplus(-0.05 * per_doc).sum()
+
+
+def build_objective(name: str | None):
+    from llama3hp.train.objectives import MaskedNextTokenLoss, NextTokenLoss
+
+    return {None: NextTokenLoss(), "masked": MaskedNextTokenLoss(), "doc_logprob": DocumentLogprobLoss()}[
+        name
+    ]
 
 
 def convert_fp8(model: Transformer, recipe: str | None, tp_size: int = 1) -> Transformer:
@@ -109,6 +163,7 @@ def reference_run(
     lr: float,
     fp8: str | None = None,
     amp: torch.dtype | None = None,
+    objective: str | None = None,
 ):
     model = Transformer(args)
     model.init_weights(seed=0)
@@ -121,19 +176,15 @@ def reference_run(
     losses = []
     for step in range(steps):
         batches = [
-            b for per_rank in make_batches(step, dp, micro, rows, T, args.vocab_size) for b in per_rank
+            b
+            for per_rank in make_batches(step, dp, micro, rows, T, args.vocab_size, objective == "masked")
+            for b in per_rank
         ]
-        n = sum((b.targets != -100).sum() for b in batches).float()
+        n = sum(reference_count(b, objective) for b in batches)
         total = 0.0
         for b in batches:
             with autocast(amp):
-                loss = model(
-                    b.inputs,
-                    targets=b.targets,
-                    cu_seqlens=b.cu_seqlens,
-                    max_seqlen=b.max_seqlen,
-                    reduction="sum",
-                )
+                loss = reference_loss_sum(model, b, objective)
             (loss / n).backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -182,6 +233,7 @@ def parallel_run(
     amp: torch.dtype | None = None,
     gemms=None,
     ac: int | None = None,
+    objective: str | None = None,
 ):
     mesh = build_mesh(cfg)
     if mesh is None:
@@ -193,14 +245,14 @@ def parallel_run(
     else:
         pm = build_whole_then_shard(args, mesh, cfg, fp8)
     # Activation checkpointing of every ac-th block (the reference run keeps every activation).
-    n_checkpointed = set_activation_checkpointing(pm.chunks, ac)
+    n_checkpointed = apply_ac(pm.chunks, ac)
     n_fp8 = sum(isinstance(m, Fp8Linear) for chunk in pm.chunks for m in chunk.modules())
     opt = torch.optim.AdamW(pm.param_groups(0.1), lr=lr)
     losses = []
     for step in range(steps):
-        batches = make_batches(step, mesh.dims.dp, micro, rows, T, args.vocab_size)[mesh.dp_rank]
+        batches = make_batches(step, mesh.dims.dp, micro, rows, T, args.vocab_size, objective == "masked")
         with gemms or contextlib.nullcontext(), autocast(amp):  # as the trainer's mesh step
-            loss = pm.forward_backward(batches)
+            loss = pm.forward_backward(batches[mesh.dp_rank], build_objective(objective)).loss
         pm.clip_grad_norm_(1.0)
         opt.step()
         pm.after_optimizer_step()
@@ -215,7 +267,8 @@ def compare_case(case: dict) -> dict | None:
     With case["fp8"] (a recipe) both runs convert the block linears to FP8 first, and the result also
     holds `fp8_effect`, how far the one-process FP8 run's losses are from the plain one's.
     With case["amp"] (a dtype) both runs go under CPU autocast, and the result lists the GEMMs of the
-    parallel run that had an fp32 operand (`fp32_gemms`)."""
+    parallel run that had an fp32 operand (`fp32_gemms`). case["objective"] ("masked" or
+    "doc_logprob"; default next-token cross-entropy) is what both runs minimise."""
     from tests.gemm_dtypes import GemmDtypes
 
     args = small_args(**case.get("model", {}))
@@ -229,13 +282,15 @@ def compare_case(case: dict) -> dict | None:
     )
     fp8, amp = case.get("fp8"), case.get("amp")
     gemms = GemmDtypes() if amp is not None else None
+    objective = case.get("objective")
     got = parallel_run(
-        args, cfg, steps, micro, rows, T, lr, case.get("materialize", False), fp8, amp, gemms, case.get("ac")
-    )
+        args, cfg, steps, micro, rows, T, lr, case.get("materialize", False), fp8, amp, gemms, case.get("ac"),
+        objective,
+    )  # fmt: skip
     if got is None:
         return None
     dp = cfg.dp
-    ref_losses, ref_params = reference_run(args, steps, dp, micro, rows, T, lr, fp8, amp)
+    ref_losses, ref_params = reference_run(args, steps, dp, micro, rows, T, lr, fp8, amp, objective)
     losses, params, init_mismatch, n_fp8, n_checkpointed = got
     fp8_effect = None
     if fp8 is not None:
@@ -327,7 +382,7 @@ def spawn_cases(world: int, cases: list[dict], timeout_s: float = TIMEOUT_S) -> 
 def case(name: str, **cfg) -> dict:
     extra = {
         k: cfg.pop(k)
-        for k in ("model", "steps", "micro", "rows", "T", "materialize", "fp8", "amp", "ac")
+        for k in ("model", "steps", "micro", "rows", "T", "materialize", "fp8", "amp", "ac", "objective")
         if k in cfg
     }
     return {"name": name, "cfg": cfg, **extra}

@@ -16,7 +16,8 @@ import torch.distributed as dist
 from torch import nn
 
 import llama3hp.kernels as K
-from llama3hp.parallel.tensor import TPComm, VocabParallelLinearCrossEntropy
+from llama3hp.parallel.tp_comm import TPComm
+from llama3hp.parallel.vocab_parallel import VocabParallelLinearCrossEntropy
 from tests.gemm_dtypes import GemmDtypes
 from tests.parallel.harness import spawn_workers, tp_linear_case
 
@@ -77,7 +78,7 @@ def _case(case: dict) -> dict:
     out["row_dx"] = (hl.grad, ref[1][..., cols])
     out["row_dw"] = (lin.weight.grad, ref[2][:, cols])
 
-    # The chunked vocab-parallel loss as compute_loss calls it: bf16 rows, this rank's fp32 head shard.
+    # The chunked vocab-parallel loss as ParallelHead calls it: bf16 rows, this rank's fp32 head shard.
     g = torch.Generator().manual_seed(1)
     hid, head = torch.randn(B * T, D, generator=g), torch.randn(V, D, generator=g) / D**0.5
     tgt = torch.randint(0, V, (B * T,), generator=g)

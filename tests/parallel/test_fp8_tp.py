@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from llama3hp.fp8 import Fp8Config, Fp8Linear
-from llama3hp.parallel.tensor import TPComm
+from llama3hp.parallel.tp_comm import TPComm
 from tests.parallel.harness import spawn_workers, tp_linear_case
 
 pytestmark = pytest.mark.xdist_group("parallel_fp8_tp")

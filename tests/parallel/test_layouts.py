@@ -1,5 +1,6 @@
 """Every layout trains like one process: ONE spawned group of 8 gloo ranks runs all cases in sequence
-(3 AdamW steps, 2 micro-batches per DP rank, packed documents, grad clipping, weight decay).
+(3 AdamW steps, 2 micro-batches per DP rank, packed documents, grad clipping, weight decay), with
+next-token cross-entropy unless a case names another objective.
 
 Switches are checked both ways against the same one-process run: cp_overlap (on by default in the
 cp cases), tp_chunked_loss (on in the tp cases), zero3_backward_prefetch (on in the zero3 cases), and
@@ -41,6 +42,32 @@ CASES = [
     # gathers, CP's K/V all-gather), and under ZeRO-3 after the block's parameters were freed.
     case("ac_tp2_overlap_cp2_pp2", tp=2, cp=2, pp=2, dp=1, T=32, tp_overlap=True, ac=1),
     case("ac2_pp2_interleaved_dp2_zero3", **INTERLEAVED_ZERO3, ac=2),
+    # Objectives handed to the step: SFT's masked cross-entropy, and a nonlinear function of whole
+    # documents' log-probabilities (DPO's shape), whose sums cross CP ranks and live on the last stage.
+    case("masked_tp2_cp2_pp2", tp=2, cp=2, pp=2, dp=1, T=32, objective="masked"),
+    case("masked_dp2_zero3", tp=1, cp=1, pp=1, dp=2, zero_stage=3, objective="masked"),
+    case("doclogp_tp2_cp2_pp2", tp=2, cp=2, pp=2, dp=1, T=32, objective="doc_logprob"),
+    case("doclogp_cp2_dp2_zero3", tp=1, cp=2, pp=1, dp=2, zero_stage=3, objective="doc_logprob"),
+    case(
+        "doclogp_tp2_materialized_loss",
+        tp=2,
+        cp=1,
+        pp=1,
+        dp=1,
+        tp_chunked_loss=False,
+        objective="doc_logprob",
+    ),
+    case(
+        "doclogp_pp2_interleaved",
+        tp=1,
+        cp=1,
+        pp=2,
+        dp=1,
+        pp_schedule="interleaved",
+        pp_virtual_stages=2,
+        micro=4,
+        objective="doc_logprob",
+    ),
 ]
 AC_CASES = {c["name"] for c in CASES if "ac" in c}
 

@@ -240,7 +240,7 @@ def test_chunked_vocab_parallel_loss_matches_reference(fused):
     # one shard (no group) is the whole vocabulary: chunks of 5 rows over 13, ignored rows, z-loss;
     # fused runs the cross-entropy kernel on each chunk (interpreted on CPU)
     from llama3hp.kernels import linear_cross_entropy_ref
-    from llama3hp.parallel.tensor import VocabParallelLinearCrossEntropy
+    from llama3hp.parallel.vocab_parallel import VocabParallelLinearCrossEntropy
 
     N, D, V = 13, 16, 40
     h, w = torch.randn(N, D, requires_grad=True), torch.randn(V, D, requires_grad=True)
@@ -269,15 +269,14 @@ def test_vocab_parallel_loss_shards_combine_like_the_whole_vocabulary():
 
 
 def test_rank_local_init_matches_init_weights_and_errors():
-    from llama3hp.model import Transformer
+    from llama3hp.model import Transformer, init_parameter
     from llama3hp.parallel import ParallelConfig, build_mesh, parallelize
-    from llama3hp.parallel.parallelize import init_parameter_full
 
     args = small_args(n_layers=2)
     model = Transformer(args)
     model.init_weights(seed=3)
     for name, p in model.named_parameters():
-        assert torch.equal(init_parameter_full(args, name, tuple(p.shape), 3), p.detach()), name
+        assert torch.equal(init_parameter(args, name, tuple(p.shape), 3), p.detach()), name
     mesh = build_mesh(ParallelConfig(dp=1))
     with torch.device("meta"):
         meta = Transformer(args)
@@ -314,7 +313,7 @@ def test_sharded_gradients_free_their_full_buffers_between_micro_batches(stage):
     import copy
 
     from llama3hp.model import Transformer
-    from llama3hp.parallel.data import ZeroDataParallel
+    from llama3hp.parallel.zero import ZeroDataParallel
 
     args = small_args()
     model = Transformer(args)
@@ -348,7 +347,7 @@ def test_zero3_bf16_gathers_round_only_what_bf16_autocast_gemms_read():
     """ZeRO-3 with bf16 gathers: the blocks' matrices land bf16-rounded and everything else exact,
     and a step under bf16 autocast is bit-identical to fp32 gathers (the GEMMs cast to bf16 anyway)."""
     from llama3hp.model import Transformer
-    from llama3hp.parallel.data import ZeroDataParallel
+    from llama3hp.parallel.zero import ZeroDataParallel
 
     args = small_args()
     g = torch.Generator().manual_seed(12)

@@ -57,8 +57,8 @@ def build_job(dataset: str, *overrides: str):
 
 def run_case(case: dict) -> dict | None:
     """Train one case on this rank; None when the rank is outside the case's layout."""
-    from llama3hp.parallel import build_mesh
-    from llama3hp.train.trainer import Trainer, context_from_mesh
+    from llama3hp.parallel import build_mesh, context_from_mesh
+    from llama3hp.train.trainer import Trainer
 
     job = build_job(case["dataset"], *case["overrides"])
     mesh = build_mesh(job.parallel)
@@ -74,7 +74,7 @@ def run_case(case: dict) -> dict | None:
         "fp8_share": [r.get("fp8_share") for r in result.rows],
     }
     if case.get("params"):
-        out["params"] = trainer.pm.full_state_dict()
+        out["params"] = trainer.model.full_state_dict()
     return out
 
 

@@ -9,6 +9,8 @@ import train_testing
 
 from llama3hp.config import ConfigError, load_job_config
 from llama3hp.fp8 import Fp8Linear
+from llama3hp.parallel import ParallelContext
+from llama3hp.train import build
 from llama3hp.train import metrics as M
 from llama3hp.train import trainer as T
 
@@ -32,7 +34,7 @@ def runs(tmp_path_factory, small_dataset):
     out = {}
     for recipe in ("none", "rowwise"):
         trainer = T.Trainer(_job(tmp, small_dataset, recipe))
-        modules = dict(trainer.model.named_modules())
+        modules = dict(trainer.model.chunks[0].named_modules())
         out[recipe] = (trainer, modules, trainer.run())
     return out
 
@@ -61,30 +63,30 @@ def test_fp8_section_parses_and_validates():
 
 def test_fp8_device_and_layout_checks(monkeypatch):
     job = load_job_config("tiny", ["fp8.recipe=rowwise"])
-    T.check_fp8(job, T.ParallelContext(), torch.device("cpu"))  # emulated GEMM on CPU: fine
+    build.check_fp8(job, ParallelContext(), torch.device("cpu"))  # emulated GEMM on CPU: fine
     # An sm80 GPU (A100) has no FP8 tensor cores.
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA A100-SXM4-80GB")
     with pytest.raises(ConfigError, match="needs FP8 tensor cores .* sm80: use fp8.recipe=emulated"):
-        T.check_fp8(job, T.ParallelContext(), torch.device("cuda"))
+        build.check_fp8(job, ParallelContext(), torch.device("cuda"))
     # A mesh (here a DP2 layout): native FP8 runs there (tests/train/test_parallel_trainer.py); TE
     # recipes are refused.
-    dp2 = T.ParallelContext(rank=0, world_size=2, dp_rank=0, dp_size=2, mesh=object())
-    T.check_fp8(job, dp2, torch.device("cpu"))
-    T.check_fp8(load_job_config("tiny"), dp2, torch.device("cpu"))  # FP8 off: nothing to check
+    dp2 = ParallelContext(rank=0, world_size=2, dp_rank=0, dp_size=2, mesh=object())
+    build.check_fp8(job, dp2, torch.device("cpu"))
+    build.check_fp8(load_job_config("tiny"), dp2, torch.device("cpu"))  # FP8 off: nothing to check
     from llama3hp.fp8 import te
 
     monkeypatch.setattr(te, "te_available", lambda: True)
     with pytest.raises(
         ConfigError, match="te_current on a 2-rank mesh: Transformer Engine recipes run on one"
     ):
-        T.check_fp8(load_job_config("tiny", ["fp8.recipe=te_current"]), dp2, torch.device("cuda"))
+        build.check_fp8(load_job_config("tiny", ["fp8.recipe=te_current"]), dp2, torch.device("cuda"))
     monkeypatch.setattr(te, "te_available", lambda: False)
     with pytest.raises(
         ConfigError, match=r"needs Transformer Engine: pip install 'transformer-engine\[pytorch\]'"
     ):
-        T.check_fp8(
-            load_job_config("tiny", ["fp8.recipe=te_delayed"]), T.ParallelContext(), torch.device("cpu")
+        build.check_fp8(
+            load_job_config("tiny", ["fp8.recipe=te_delayed"]), ParallelContext(), torch.device("cpu")
         )
 
 
@@ -103,7 +105,7 @@ def test_trainer_converts_exactly_the_block_linears(runs):
     base, _, _ = runs["none"]
     assert base.fp8_fqns == [] and not any(isinstance(m, Fp8Linear) for m in runs["none"][1].values())
     # Same Parameters and names: the state dict and the optimizer see no change.
-    assert list(trainer.model.state_dict()) == list(base.model.state_dict())
+    assert list(trainer.model.chunks[0].state_dict()) == list(base.model.chunks[0].state_dict())
 
 
 def test_fp8_loss_tracks_the_fp32_run(runs):

@@ -45,7 +45,7 @@ def setup(tmp_path_factory):
     dataset = write_dataset(root / "data")
     trainer = Trainer(build_job(dataset, *STEPS, f"run_dir={root}/ref"))
     ref = trainer.run()
-    ref_params = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    ref_params = trainer.model.full_state_dict()
     fp8_trainer = Trainer(build_job(dataset, *STEPS, *FP8, f"run_dir={root}/ref_fp8"))
     ref_fp8 = fp8_trainer.run()
     ck = root / "tp2pp2" / "checkpoints"

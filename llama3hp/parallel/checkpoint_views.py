@@ -18,6 +18,7 @@ all-gather of `after_optimizer_step`). Every view aliases the live buffer: DCP r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -26,7 +27,8 @@ from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, Sharde
 from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
 from torch.distributed._shard.sharding_spec import ShardingSpec
 
-from llama3hp.parallel.parallelize import ParallelModel
+if TYPE_CHECKING:
+    from llama3hp.parallel.parallelize import ParallelModel
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -75,7 +77,7 @@ def _entries(pm: ParallelModel) -> list[tuple[object, list[_Entry]]]:
         for p in b.params:
             shape = tuple(p.shape)
             gshape, toff = list(shape), [0] * len(shape)
-            d = getattr(p, "_tp_dim", None)
+            d = pm.tp_dims.get(names[id(p)])
             if d is not None and tp_size > 1:
                 gshape[d] *= tp_size
                 toff[d] = tp_rank * shape[d]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Collection
 
 import torch
 import torch.distributed as dist
@@ -161,6 +162,7 @@ class _Bucket:
 class ZeroDataParallel:
     """ZeRO-0/1/2/3 over `group` (DP x CP) for the parameters of `modules` (a rank's model chunks).
 
+    tp_sharded: the parameters split over TP (the others are replicated on every TP rank).
     tp_group: under sequence parallelism the gradients of TP-replicated parameters (norms) are
     partial sums over sequence shards; they are all-reduced over TP before the data-parallel reduction.
     """
@@ -173,6 +175,7 @@ class ZeroDataParallel:
         stage: int = 1,
         bucket_mb: float = 25.0,
         overlap: bool = True,
+        tp_sharded: Collection[nn.Parameter] = (),
         tp_group: dist.ProcessGroup | None = None,
         sequence_parallel: bool = False,
         backward_prefetch: bool = True,
@@ -183,6 +186,7 @@ class ZeroDataParallel:
         self.group, self.stage, self.overlap = group, stage, overlap
         self.backward_prefetch = backward_prefetch
         self.tp_group, self.sp = tp_group, sequence_parallel
+        self._tp_sharded = {id(p) for p in tp_sharded}
         self.world, self.rank = group_size(group), group_rank(group)
         limit = max(1, int(bucket_mb * 2**20 / 4))
         self.buckets: list[_Bucket] = []
@@ -220,9 +224,7 @@ class ZeroDataParallel:
     def _make_buckets(self, params: list[nn.Parameter], limit: int) -> list[_Bucket]:
         out = []
         for decay, repl in ((True, False), (True, True), (False, False), (False, True)):
-            chosen = [
-                p for p in params if (p.ndim >= 2) == decay and (getattr(p, "_tp_dim", None) is None) == repl
-            ]
+            chosen = [p for p in params if (p.ndim >= 2) == decay and (id(p) not in self._tp_sharded) == repl]
             cur: list[nn.Parameter] = []
             for p in chosen:
                 if cur and sum(q.numel() for q in cur) + p.numel() > limit:
