@@ -209,3 +209,28 @@ def test_activation_checkpointing_trains_the_same_steps(tmp_path, small_dataset)
 def test_bf16_zero3_gathers_need_bf16_autocast(tmp_path, small_dataset):
     with pytest.raises(ConfigError, match="zero3_gather_dtype=bfloat16 rounds the weights"):
         train(_job(tmp_path, small_dataset, "parallel.zero3_gather_dtype=bfloat16", "training.dtype=float32"))
+
+
+def test_a_checkpoint_written_before_the_one_path_refactor_resumes_exactly(tmp_path):
+    """A one-process checkpoint saved by llama3hp 553fdf9 (its optimizer state carried param_groups;
+    the model had no OutputHead module) resumes and trains the steps that run went on to train."""
+    from pathlib import Path
+
+    from tests.train.parallel_harness import write_dataset
+
+    fixture = Path(__file__).parent / "fixtures" / "v0.1-one-process"
+    expected = json.loads((fixture / "expected.json").read_text())
+    data = write_dataset(tmp_path / "data")
+    job = load_job_config(
+        "tiny",
+        [
+            *expected["overrides"],
+            f'data.datasets=["{data}"]',
+            f"run_dir={tmp_path}/run",
+            "checkpoint.enabled=false",
+        ],
+    )
+    resumed = train(job, resume=fixture / "step-00000002")
+    assert [r["step"] for r in resumed.rows] == [3, 4]
+    assert resumed.losses == expected["losses"][2:]
+    assert [r["grad_norm"] for r in resumed.rows] == expected["grad_norms"][2:]
