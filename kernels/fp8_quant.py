@@ -87,9 +87,10 @@ def _to_fp8(v, dtype: tl.constexpr, FP8_MAX: tl.constexpr, EXACT_ROUND: tl.const
             min_normal: tl.constexpr = 2.0**-14
             sub_magic: tl.constexpr = 192.0  # fp32 spacing 2**-16 = E5M2 subnormal spacing
         else:
-            mant: tl.constexpr = 3
-            min_normal: tl.constexpr = 2.0**-6
-            sub_magic: tl.constexpr = 24576.0  # fp32 spacing 2**-9 = E4M3 subnormal spacing
+            # Triton wants a constexpr annotation on each assignment; mypy reads them as redefinitions.
+            mant: tl.constexpr = 3  # type: ignore[no-redef]
+            min_normal: tl.constexpr = 2.0**-6  # type: ignore[no-redef]
+            sub_magic: tl.constexpr = 24576.0  # type: ignore[no-redef]  # fp32 spacing 2**-9 = E4M3 subnormals
         drop: tl.constexpr = 23 - mant
         bits = v.to(tl.int32, bitcast=True)
         bits = (bits + ((1 << (drop - 1)) - 1) + ((bits >> drop) & 1)) & (-(1 << drop))

@@ -23,6 +23,7 @@ import os
 import tomllib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         item_args = [a for a in typing.get_args(tp) if a is not Ellipsis]
         if len(item_args) != 1:
             raise ConfigError(f"'{key}' has unsupported type {_type_name(tp)}")
-        return tuple(coerce(value, list[item_args[0]], key))
+        return tuple(coerce(value, types.GenericAlias(list, (item_args[0],)), key))
     if typing.get_origin(tp) is list:
         (item_tp,) = typing.get_args(tp) or (Any,)
         if isinstance(value, str):
@@ -311,7 +312,7 @@ def build_job_config(pairs: list[tuple[str, Any]], *, dp_size: int = 1) -> JobCo
     return job
 
 
-def load_job_config(name_or_path: str, overrides: list[str] = (), *, dp_size: int = 1) -> JobConfig:
+def load_job_config(name_or_path: str, overrides: Sequence[str] = (), *, dp_size: int = 1) -> JobConfig:
     """Read a built-in name or TOML path, apply `key=value` overrides, validate."""
     table = read_toml(resolve_config_path(name_or_path))
     pairs = flatten(table) + [parse_override(o) for o in overrides]

@@ -105,6 +105,7 @@ def apply_fp8(
         mod = model.get_submodule(fqn)
         if isinstance(mod, Fp8Linear):
             continue
+        assert isinstance(mod, nn.Linear), fqn  # select_fp8_linears picks nn.Linear modules
         if config.recipe == "rowwise" and any(n % 16 for n in local_features(fqn, mod, tp_size)):
             continue
         _set_submodule(model, fqn, Fp8Linear.from_linear(mod, config))

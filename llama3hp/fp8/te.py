@@ -94,6 +94,7 @@ def apply_te(
     rank = tp_group.rank() if tp_group is not None else 0
     for fqn in fqns:
         lin = model.get_submodule(fqn)
+        assert isinstance(lin, nn.Linear), fqn
         mode = tp_split(fqn, modes) if tp_size > 1 else None
         new = te.Linear(
             lin.in_features,

@@ -10,6 +10,9 @@ every layout computes what one process does.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,18 +20,19 @@ from torch import nn
 from llama3hp.kernels.dispatch import matmul_dtype
 
 
-def groupable(linears: list[nn.Module]) -> bool:
+def groupable(linears: Sequence[nn.Module | torch.Tensor]) -> bool:
     """Whether `grouped_linear` can run these as one GEMM: two or more bias-free linears, all plain
     nn.Linear or all Fp8Linear with one FP8 config (not TE modules, not a mix)."""
-    first = linears[0]
-    kind = type(first)
-    if len(linears) < 2 or any(type(lin) is not kind or lin.bias is not None for lin in linears):
+    kind = type(linears[0])
+    lins = [lin for lin in linears if isinstance(lin, nn.Linear) and type(lin) is kind and lin.bias is None]
+    if len(linears) < 2 or len(lins) != len(linears):
         return False
     if kind is nn.Linear:
         return True
     from llama3hp.fp8.linear import Fp8Linear
 
-    return kind is Fp8Linear and all(lin.fp8_config == first.fp8_config for lin in linears)
+    first = cast(Fp8Linear, lins[0])
+    return kind is Fp8Linear and all(cast(Fp8Linear, lin).fp8_config == first.fp8_config for lin in lins)
 
 
 class CatCast(torch.autograd.Function):
@@ -50,7 +54,7 @@ class CatCast(torch.autograd.Function):
         return None, *(g.to(dt) for g, dt in zip(grad.split(ctx.rows), ctx.dtypes))
 
 
-def grouped_linear(x: torch.Tensor, linears: list[nn.Module]) -> torch.Tensor:
+def grouped_linear(x: torch.Tensor, linears: Sequence[nn.Linear]) -> torch.Tensor:
     """The linears of x as ONE GEMM over their concatenated weights: [..., sum of their outputs], each
     linear's outputs in order (under TP: the local shards'). The linears must be `groupable`.
 
@@ -65,12 +69,14 @@ def grouped_linear(x: torch.Tensor, linears: list[nn.Module]) -> torch.Tensor:
     if type(linears[0]) is nn.Linear:
         dt = matmul_dtype(x)
         return F.linear(x.to(dt), CatCast.apply(dt, *(lin.weight for lin in linears)))
-    from llama3hp.fp8.linear import fp8_linear
+    from llama3hp.fp8.linear import Fp8Linear, fp8_linear
 
-    return fp8_linear(x, torch.cat([lin.weight for lin in linears]), None, linears[0].fp8_config)
+    first = linears[0]
+    assert isinstance(first, Fp8Linear)
+    return fp8_linear(x, torch.cat([lin.weight for lin in linears]), None, first.fp8_config)
 
 
-def grouped_linears(x: torch.Tensor, linears: list[nn.Module]) -> list[torch.Tensor]:
+def grouped_linears(x: torch.Tensor, linears: Sequence[nn.Linear]) -> list[torch.Tensor]:
     """[lin(x) for lin in linears], as one `grouped_linear` GEMM split by output where they are
     `groupable`, else one linear at a time."""
     if not groupable(linears):

@@ -37,6 +37,7 @@ class OutputHead(nn.Module):
         self.backend = backend
         self._tied: tuple[nn.Embedding, ...] = ()
         if tied_to is None:
+            assert weight is not None
             self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
         else:
             # Read at call time, so it survives to_empty and load_state_dict; held in a tuple so that

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from typing import cast
 
 import torch
 from torch import nn
@@ -96,9 +97,10 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.attention_norm = RMSNorm(args.dim, args.norm_eps, args.kernels.rmsnorm)
-        self.attention = Attention(args)
+        # nn.Module: tensor and context parallelism swap in their own attention and FFN
+        self.attention: nn.Module = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, args.kernels.rmsnorm)
-        self.feed_forward = FeedForward(args)
+        self.feed_forward: nn.Module = FeedForward(args)
 
     def forward(self, x, positions, inv_freq, cu_seqlens, max_seqlen):
         a = self.attention(self.attention_norm(x), positions, inv_freq, cu_seqlens, max_seqlen)
@@ -133,15 +135,18 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args.validate()
-        self.tok_embeddings: nn.Embedding | None = nn.Embedding(args.vocab_size, args.dim)
+        embedding = nn.Embedding(args.vocab_size, args.dim)
+        # Swapped for a vocab-parallel one under tensor parallelism; None on later pipeline stages.
+        self.tok_embeddings: nn.Module | None = embedding
         self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(args.dim, args.norm_eps, args.kernels.rmsnorm)
         # Tied presets (Llama 3.2) project with the embedding matrix itself: no output.weight.
         self.output: OutputHead | None = (
-            OutputHead(None, args.kernels.cross_entropy, tied_to=self.tok_embeddings)
+            OutputHead(None, args.kernels.cross_entropy, tied_to=embedding)
             if args.tie_embeddings
             else OutputHead(torch.empty(args.vocab_size, args.dim), args.kernels.cross_entropy)
         )
+        self.inv_freq: torch.Tensor
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
     def init_weights(self, seed: int = 0) -> None:
@@ -179,15 +184,19 @@ class Transformer(nn.Module):
             positions = document_positions(cu_seqlens if self.args.doc_positions else None, B, T, h.device)
         for layer in self.layers.values():
             h = layer(h, positions, self.inv_freq, cu_seqlens, max_seqlen)
-        if self.output is None:
+        if self.output is None or self.norm is None:
             return h
         out = self.output(self.norm(h))
         if targets is None:
             return out
         return out.loss(targets, reduction=reduction, ignore_index=ignore_index, z_loss_scale=z_loss_scale)
 
+    def blocks(self) -> list[TransformerBlock]:
+        """The transformer blocks this model (or pipeline stage) holds, in order."""
+        return [cast(TransformerBlock, b) for b in self.layers.values()]
+
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         if exclude_embedding and self.tok_embeddings is not None:
-            n -= self.tok_embeddings.weight.numel()
+            n -= sum(p.numel() for p in self.tok_embeddings.parameters())
         return n

@@ -15,10 +15,13 @@ own forward directly, so those hooks do not fire twice.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
+
+from llama3hp.model.llama import Transformer
 
 
 def _checkpointed(block_forward, *args):
@@ -33,7 +36,7 @@ def is_checkpointed(block: nn.Module) -> bool:
     return "forward" in vars(block)
 
 
-def apply_ac(models: nn.Module | list[nn.Module], every: int | None) -> int:
+def apply_ac(models: Transformer | Sequence[Transformer], every: int | None) -> int:
     """Full activation checkpointing of the transformer blocks whose layer id is a multiple of
     `every` (None: none; blocks checkpointed before are restored), in `models` (a Transformer, or a
     pipeline rank's chunks). By layer id, so every pipeline split of a model checkpoints the same
@@ -41,10 +44,10 @@ def apply_ac(models: nn.Module | list[nn.Module], every: int | None) -> int:
     if every is not None and every < 1:
         raise ValueError(f"activation checkpointing interval must be >= 1, got {every}")
     n = 0
-    for model in models if isinstance(models, list | tuple) else [models]:
-        for block in model.layers.values():
+    for model in [models] if isinstance(models, Transformer) else models:
+        for block in model.blocks():
             vars(block).pop("forward", None)  # back to the class's forward
             if every is not None and block.layer_id % every == 0:
-                block.forward = functools.partial(_checkpointed, block.forward)
+                block.forward = functools.partial(_checkpointed, block.forward)  # type: ignore[method-assign]
                 n += 1
     return n

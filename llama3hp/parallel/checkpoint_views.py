@@ -29,6 +29,7 @@ from torch.distributed._shard.sharding_spec import ShardingSpec
 
 if TYPE_CHECKING:
     from llama3hp.parallel.parallelize import ParallelModel
+    from llama3hp.parallel.zero import _Bucket
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -43,7 +44,7 @@ def row_blocks(shape: tuple[int, ...], start: int, end: int) -> list[tuple[tuple
     if len(shape) != 2:
         raise ValueError(f"checkpoint sharding handles 1-D and 2-D parameters, got shape {tuple(shape)}")
     C = shape[1]
-    out = []
+    out: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
     r, c = divmod(start, C)
     if c:  # a partial first row
         stop = min(end, (r + 1) * C)
@@ -67,13 +68,14 @@ class _Entry:
     tp_offset: tuple[int, ...]  # global offset of the TP-local tensor
 
 
-def _entries(pm: ParallelModel) -> list[tuple[object, list[_Entry]]]:
+def _entries(pm: ParallelModel) -> list[tuple[_Bucket, list[_Entry]]]:
     """(bucket, its parameters as entries) for every bucket of the rank."""
     names = {id(p): n for n, p in pm.named_parameters().items()}
     tp_size, tp_rank = pm.tp.size, pm.tp.rank
     out = []
     for b in pm.dp.buckets:
-        entries, off = [], 0
+        entries: list[_Entry] = []
+        off = 0
         for p in b.params:
             shape = tuple(p.shape)
             gshape, toff = list(shape), [0] * len(shape)

@@ -80,13 +80,12 @@ def shard_batch(batch: Batch, cp: int, rank: int, *, doc_positions: bool = True)
     if cu is None:
         cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=dev)
     idx = cp_token_index(T, cp, rank, dev)
-    local = lambda x: None if x is None else x[:, idx]
     return dataclasses.replace(
         batch,
-        inputs=local(batch.inputs),
-        targets=local(batch.targets),
-        loss_mask=local(batch.loss_mask),
-        positions=local(pos),
+        inputs=batch.inputs[:, idx],
+        targets=batch.targets[:, idx],
+        loss_mask=None if batch.loss_mask is None else batch.loss_mask[:, idx],
+        positions=pos[:, idx],
         cu_seqlens=cu,
         max_seqlen=batch.max_seqlen or T,
         token_index=(torch.arange(B, device=dev)[:, None] * T + idx[None, :]),
@@ -328,6 +327,7 @@ class CPComm:
             kb, vb = WaitKV.apply(k_buf, v_buf, self.group, pending)
             return kb.transpose(0, 1), vb.transpose(0, 1)
 
+        assert self._segs is not None
         return cp_attention_split(q, k, v, remote_kv, self._segs, self.size, backend)
 
 

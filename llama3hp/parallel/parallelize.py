@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from llama3hp.data.batch import Batch
-from llama3hp.model.llama import init_parameter
+from llama3hp.model.llama import Transformer, init_parameter
 from llama3hp.model.rope import rope_inv_freq
 from llama3hp.parallel.ac import apply_ac
 from llama3hp.parallel.comm import all_gather_dim, all_reduce
@@ -51,7 +51,7 @@ from llama3hp.parallel.zero import ZeroDataParallel
 from llama3hp.train.objectives import NextTokenLoss, Objective
 
 
-def build_stage_module(model: nn.Module, start: int, end: int, first: bool, last: bool) -> nn.Module:
+def build_stage_module(model: Transformer, start: int, end: int, first: bool, last: bool) -> Transformer:
     """A shallow copy of `model` holding layers [start, end) (same parameter objects and names), the
     embedding only when `first`, the final norm and head only when `last`."""
     stage = copy.copy(model)
@@ -83,7 +83,7 @@ class ParallelModel:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Transformer,
         mesh: DeviceMesh4D,
         cfg: ParallelConfig,
         init_seed: int | None = None,
@@ -120,7 +120,7 @@ class ParallelModel:
             model.args.n_layers, pp, self.virtual, cfg.pp_edge_cost, cfg.pp_stage_layers
         )
         self.n_vs = pp * self.virtual
-        self.chunks = []
+        self.chunks: list[Transformer] = []
         for c in range(self.virtual):
             vs = c * pp + mesh.pp_rank
             self.chunks.append(
@@ -149,7 +149,7 @@ class ParallelModel:
         if self.cfg.pp_schedule == "interleaved" or self.mesh.dims.pp > 1:
             check_schedule(self.cfg.pp_schedule, self.mesh.dims.pp, self.virtual, m)
         dev = batches[0].inputs.device
-        count = sum(objective.count(b) for b in batches)
+        count = torch.stack([objective.count(b) for b in batches]).sum()
         all_reduce(count, self.mesh.dp_group)
         count = count.clamp(min=1.0)
         local = [
@@ -270,7 +270,7 @@ class ParallelModel:
 
 
 def materialize_local(
-    chunks: list[nn.Module], tp: TPComm, tp_dims: dict[str, int], device: torch.device, seed: int
+    chunks: list[Transformer], tp: TPComm, tp_dims: dict[str, int], device: torch.device, seed: int
 ) -> None:
     """Give each meta parameter of this rank's chunks its TP shard of the whole model's initial value.
 
@@ -300,7 +300,7 @@ def materialize_local(
 
 
 def parallelize(
-    model: nn.Module,
+    model: Transformer,
     mesh: DeviceMesh4D | None,
     cfg: ParallelConfig,
     *,

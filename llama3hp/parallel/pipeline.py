@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -134,7 +135,7 @@ def simulate(
                     dep = ("B", a.mb, vs + 1) if vs < n_vs - 1 else ("F", a.mb, vs)
                 if dep is not None and dep not in done:
                     break
-                start = max(clock[r], done.get(dep, 0.0))
+                start = max(clock[r], done[dep] if dep is not None else 0.0)
                 clock[r] = start + (t_fwd if a.kind == "F" else t_bwd) / v
                 done[(a.kind, a.mb, vs)] = clock[r]
                 in_flight[r] += 1 if a.kind == "F" else -1
@@ -177,8 +178,8 @@ class PipelineExecutor:
     ) -> None:
         inputs: dict[tuple[int, int], torch.Tensor | None] = {}
         outputs: dict[tuple[int, int], torch.Tensor] = {}
-        pending: dict[int, tuple[torch.Tensor, dist.Work]] = {}
-        sends: list[tuple[torch.Tensor, dist.Work]] = []
+        pending: dict[int, tuple[torch.Tensor, Any]] = {}  # (buffer, its irecv's work handle)
+        sends: list[tuple[torch.Tensor, Any]] = []  # (tensor kept alive, its isend's work handle)
 
         def needs_recv(i: int) -> tuple[int, int] | None:
             """(source virtual stage, tag) of the tensor action i receives, or None."""
@@ -206,6 +207,7 @@ class PipelineExecutor:
             key = (a.mb, a.chunk)
             if a.kind == "F":
                 x = received.requires_grad_() if received is not None else None
+                assert vs == 0 or x is not None, "a forward past the first stage receives its input"
                 out = forward(a.mb, a.chunk, x)
                 inputs[key], outputs[key] = x, out
                 if vs < self.n_vs - 1:
@@ -223,8 +225,10 @@ class PipelineExecutor:
                 if vs == self.n_vs - 1:
                     out.backward()
                 else:
+                    assert received is not None, "a backward before the last stage receives its gradient"
                     torch.autograd.backward(out, grad_tensors=received.to(out.dtype))
                 if vs > 0:
+                    assert x is not None and x.grad is not None
                     g = x.grad.to(act_dtype).contiguous()
                     sends.append(
                         (

@@ -16,6 +16,7 @@ backward outside it, as on CUDA, where autograd's backward thread never sees aut
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -60,7 +61,8 @@ def autocast_context(amp_dtype: torch.dtype | None, device: torch.device):
 
 def weight_decay_groups(named: dict[str, nn.Parameter], weight_decay: float) -> list[dict]:
     """AdamW groups: decay for matrices, none for norms and biases (1-D parameters)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in named.items():
         if p.requires_grad:
             (no_decay if p.ndim < 2 or name.endswith(("norm.weight", ".bias")) else decay).append(p)
@@ -71,8 +73,15 @@ def weight_decay_groups(named: dict[str, nn.Parameter], weight_decay: float) -> 
 class StepModel(Protocol):
     """One rank's share of the model and the step functions (see the module docstring)."""
 
-    chunks: list[nn.Module]  # the model modules this rank runs (one Transformer, or pipeline chunks)
-    tp_dims: dict[str, int]  # {parameter name: dim split over tensor parallelism}
+    @property
+    def chunks(self) -> Sequence[nn.Module]:
+        """The model modules this rank runs: one Transformer, or its pipeline chunks."""
+        ...
+
+    @property
+    def tp_dims(self) -> dict[str, int]:
+        """{parameter name: the dim split over tensor parallelism} (empty on one process)."""
+        ...
 
     def forward_backward(self, batches: list[Batch], objective: Objective | None = None) -> StepStats:
         """Forward and backward of every micro-batch of one optimizer step (objective default:
@@ -123,7 +132,7 @@ class LocalModel:
     def forward_backward(self, batches: list[Batch], objective: Objective | None = None) -> StepStats:
         objective = objective or NextTokenLoss()
         device = batches[0].inputs.device
-        count = sum(objective.count(b) for b in batches).clamp(min=1.0)
+        count = torch.stack([objective.count(b) for b in batches]).sum().clamp(min=1.0)
         totals = StepTotals(device)
         for b in batches:
             with autocast_context(self.amp_dtype, device):

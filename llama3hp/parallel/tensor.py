@@ -16,11 +16,14 @@ Shape legend: B rows, T tokens per row (after CP), S = T/tp tokens of a sequence
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
 import llama3hp.kernels as K
 from llama3hp.model.grouped import groupable
+from llama3hp.model.llama import Attention, FeedForward, Transformer
 from llama3hp.parallel.tp_comm import TPComm
 from llama3hp.parallel.vocab_parallel import ParallelHead, VocabParallelEmbedding
 
@@ -30,7 +33,7 @@ from llama3hp.parallel.vocab_parallel import ParallelHead, VocabParallelEmbeddin
 class ParallelAttention(nn.Module):
     """The model's attention with TP-sharded heads and optional context parallelism (cp: CPComm)."""
 
-    def __init__(self, attn: nn.Module, tp: TPComm, cp=None):
+    def __init__(self, attn: Attention, tp: TPComm, cp=None):
         super().__init__()
         self.wq, self.wk, self.wv, self.wo = attn.wq, attn.wk, attn.wv, attn.wo
         self.head_dim, self.kernels = attn.head_dim, attn.kernels
@@ -53,7 +56,7 @@ class ParallelFeedForward(nn.Module):
     """SwiGLU with w1/w3 column-parallel (one grouped GEMM over their local shards where they are
     groupable, as in the one-process model) and w2 row-parallel."""
 
-    def __init__(self, ffn: nn.Module, tp: TPComm):
+    def __init__(self, ffn: FeedForward, tp: TPComm):
         super().__init__()
         self.w1, self.w2, self.w3 = ffn.w1, ffn.w2, ffn.w3
         self.backend, self.tp = ffn.backend, tp
@@ -84,7 +87,7 @@ BLOCK_SHARDING = (
 )
 
 
-def apply_tp(model: nn.Module, tp: TPComm, cp=None) -> dict[str, int]:
+def apply_tp(model: Transformer, tp: TPComm, cp=None) -> dict[str, int]:
     """Shard a Transformer's weights over TP in place and swap in the parallel modules (with
     tp.size == 1: only context parallelism's attention and head). Parameter names are unchanged.
 
@@ -95,20 +98,21 @@ def apply_tp(model: nn.Module, tp: TPComm, cp=None) -> dict[str, int]:
     if model.args.tie_embeddings and tp.size > 1:
         raise ValueError("tensor parallelism with tied embeddings is not supported: use an untied preset")
     split: dict[str, int] = {}
-    for i, layer in model.layers.items():
+    for layer in model.blocks():
         if tp.size > 1:
             for path, dim in BLOCK_SHARDING:
                 lin = layer.get_submodule(path)
+                assert isinstance(lin, nn.Linear), path
                 lin.weight = _shard(lin.weight, dim, tp)
-                split[f"layers.{i}.{path}.weight"] = dim
-        layer.attention = ParallelAttention(layer.attention, tp, cp)
-        layer.feed_forward = ParallelFeedForward(layer.feed_forward, tp)
-    if model.tok_embeddings is not None and tp.size > 1:
+                split[f"layers.{layer.layer_id}.{path}.weight"] = dim
+        layer.attention = ParallelAttention(cast(Attention, layer.attention), tp, cp)
+        layer.feed_forward = ParallelFeedForward(cast(FeedForward, layer.feed_forward), tp)
+    if isinstance(model.tok_embeddings, nn.Embedding) and tp.size > 1:
         w = _shard(model.tok_embeddings.weight, 0, tp)
         model.tok_embeddings = VocabParallelEmbedding(w, tp.rank * w.shape[0], tp)
         split["tok_embeddings.weight"] = 0
     if model.output is not None:
-        shard = _shard(model.output.weight, 0, tp) if tp.size > 1 else None
+        shard = _shard(model.output.projection(), 0, tp) if tp.size > 1 else None
         cp_group = cp.group if cp is not None and cp.size > 1 else None
         model.output = ParallelHead(model.output, tp, cp_group, shard)
         if tp.size > 1:

@@ -15,10 +15,12 @@ O output features of a local shard, F_l local input features.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from llama3hp.kernels.dispatch import matmul_dtype
 from llama3hp.model.grouped import CatCast, groupable, grouped_linear
@@ -126,7 +128,7 @@ class TPComm:
         one-process model does for q/k/v, so every layout computes what one process does, FP8 scales
         included."""
         if grouped and groupable(linears):
-            y = self.column_grouped(x, linears)
+            y = self.column_grouped(x, cast(list[nn.Linear], linears))
             return list(y.split([_weight(lin).shape[0] for lin in linears], dim=-1))
         if self.size == 1:
             return [_call(lin, x) for lin in linears]
@@ -141,8 +143,8 @@ class TPComm:
         x = GatherFromSP.apply(x, self.group)
         return [_call(lin, x) for lin in linears]
 
-    def column_grouped(self, x: torch.Tensor, linears: list[Linear]) -> torch.Tensor:
-        """`llama3hp.model.llama.grouped_linear` over the local shards of `groupable` column linears:
+    def column_grouped(self, x: torch.Tensor, linears: list[nn.Linear]) -> torch.Tensor:
+        """`llama3hp.model.grouped.grouped_linear` over the local shards of `groupable` column linears:
         x [B, S, D] (SP shard) or [B, T, D] -> [B, T, sum of O_k], each linear's local outputs in order."""
         if self.size == 1:
             return grouped_linear(x, linears)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 import torch
 import torch.distributed as dist
@@ -92,9 +92,15 @@ class _Bucket:
         self.gather_dtype = torch.float32
         self.gather_buf: torch.Tensor | None = None
 
+    @property
+    def shard_grad(self) -> torch.Tensor:
+        """The fp32 gradient of the optimizer's shard (set at construction, never None)."""
+        assert self.shard.grad is not None
+        return self.shard.grad
+
     def grad_shard(self) -> torch.Tensor:
         """This rank's unique slice of the reduced gradient."""
-        return self.shard.grad if self.stage >= 1 else self.flat_grad[self.slice]
+        return self.shard_grad if self.stage >= 1 else self.flat_grad[self.slice]
 
     # ZeRO-3: the flat parameter's storage is freed between uses; the views stay valid objects.
     def free(self) -> None:
@@ -142,10 +148,11 @@ class _Bucket:
 
     def land_reduction(self) -> None:
         """Wait for the reduction in flight and add its shard into the fp32 gradient shard."""
+        assert self.pending is not None
         work, recv = self.pending
         if work is not None:
             work.wait()
-        self.shard.grad += recv
+        self.shard_grad.add_(recv)
         self.pending = None
 
     def finish_gather(self, group) -> None:
@@ -169,7 +176,7 @@ class ZeroDataParallel:
 
     def __init__(
         self,
-        modules: list[nn.Module],
+        modules: Sequence[nn.Module],
         group: dist.ProcessGroup | None,
         *,
         stage: int = 1,
@@ -193,7 +200,8 @@ class ZeroDataParallel:
         self.units: list[tuple[nn.Module | None, list[_Bucket]]] = []  # (block or None for the rest, buckets)
         seen: set[int] = set()
         for mod in modules:
-            blocks = list(mod.layers.values()) if hasattr(mod, "layers") else []
+            layers = getattr(mod, "layers", None)
+            blocks = list(layers.values()) if isinstance(layers, nn.ModuleDict) else []
             block_params = {id(p) for b in blocks for p in b.parameters()}
             rest = [p for p in mod.parameters() if id(p) not in block_params]
             for unit_mod, params in [(b, list(b.parameters())) for b in blocks] + [(None, rest)]:
@@ -270,7 +278,7 @@ class ZeroDataParallel:
         if self.group is None:
             b.pending = (None, b.flat_grad[b.slice].clone())
         else:
-            recv = torch.empty_like(b.shard.grad)
+            recv = torch.empty_like(b.shard_grad)
             b.pending = (reduce_scatter_single(recv, b.flat_grad, group=self.group, async_op=True), recv)
         self._inflight.append(b)
         while len(self._inflight) > MAX_INFLIGHT:
@@ -289,12 +297,12 @@ class ZeroDataParallel:
         b.expected = -1  # launched for this step
         if self.group is None:
             if self.stage >= 2:
-                b.shard.grad.copy_(b.flat_grad[b.slice])
+                b.shard_grad.copy_(b.flat_grad[b.slice])
             return
         if self.stage <= 1:
             b.work = dist.all_reduce(b.flat_grad, group=self.group, async_op=True)
         else:
-            b.work = reduce_scatter_single(b.shard.grad, b.flat_grad, group=self.group, async_op=True)
+            b.work = reduce_scatter_single(b.shard_grad, b.flat_grad, group=self.group, async_op=True)
 
     def begin_step(self, n_microbatches: int) -> None:
         """Arm the hooks: each bucket reduces once its parameters got n_microbatches gradients each
@@ -323,7 +331,7 @@ class ZeroDataParallel:
             if b.grad_allocated:
                 b.flat_grad.zero_()
             if self.stage >= 2:
-                b.shard.grad.zero_()
+                b.shard_grad.zero_()
 
     def grad_norm_sq_local(self, tp_rank: int) -> torch.Tensor:
         """Sum of squares of this rank's unique gradient elements (TP-replicated ones on tp rank 0)."""
@@ -338,7 +346,7 @@ class ZeroDataParallel:
 
     def scale_grads(self, factor: float | torch.Tensor) -> None:
         for b in self.buckets:
-            (b.flat_grad if self.stage == 0 else b.shard.grad).mul_(factor)
+            (b.flat_grad if self.stage == 0 else b.shard_grad).mul_(factor)
 
     # ------------------------------------------------------------------ parameters
     def param_groups(self, weight_decay: float) -> list[dict]:
