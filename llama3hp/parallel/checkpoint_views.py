@@ -5,7 +5,7 @@ exactly as one process stores it (`model.<fqn>`, `optim.state.<fqn>.{exp_avg,exp
 On a mesh a rank holds, per ZeRO bucket, a flat fp32 range of the TP-local parameters packed in
 the bucket; that range is cut into row-contiguous rectangular blocks of each parameter
 (a partial first row, whole rows, a partial last row), each placed at its global offset (TP shards
-offset along `_tp_dim`). The blocks become the local shards of a ShardedTensor, whose chunks DCP
+offset along the dim in `ParallelModel.tp_dims`). The blocks become the local shards of a ShardedTensor, whose chunks DCP
 writes as they are and, on load, intersects with whatever chunks a checkpoint holds: any layout
 (or one process) reads any other.
 
