@@ -162,7 +162,7 @@ def scenarios(quick: bool) -> list[tuple[str, Callable[[], None]]]:
     import torch
 
     import llama3hp.kernels as K
-    from llama3hp.kernels.attention import build_cp_query_segments
+    from llama3hp.parallel.context import build_cp_query_segments
 
     bf16, e4m3, e5m2 = torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2
 

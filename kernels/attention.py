@@ -13,7 +13,8 @@ document `q_doc_idx[s]` (default s) and its j-th query has position `q_pos_offse
 document (default Lk - Lq: bottom-right aligned, i.e. 0 for self-attention). A query at position
 p attends to the keys of its document at positions <= p. Several segments may share one key
 document: a context-parallel rank holding chunks i and 2cp-1-i of a sequence passes both as
-segments of the same document over the all-gathered keys (`build_cp_query_segments`).
+segments of the same document over the all-gathered keys
+(`llama3hp.parallel.context.build_cp_query_segments`).
 
 Kernels (FlashAttention-2 style, fp32 accumulators, `tl.dot` on the input dtype):
 - `_attn_fwd_kernel`: grid (query block, segment, q head); online softmax in base 2; the key loop
@@ -33,11 +34,9 @@ Dk key documents. LSE is the natural-log log-sum-exp of the scaled scores, fp32 
 
 from __future__ import annotations
 
-import bisect
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -1037,49 +1036,6 @@ def attention_varlen(
         int(max_seqlen_q), int(max_seqlen_k), float(scale), bool(deterministic),
     )  # fmt: skip
     return (out, lse) if return_lse else out
-
-
-@dataclass(frozen=True)
-class CPQuerySegments:
-    """Query segments of one context-parallel rank, ready for `attention_varlen` over gathered K/V."""
-
-    cu_seqlens_q: torch.Tensor  # int32 [S + 1], offsets into the rank's local queries
-    q_doc_idx: torch.Tensor  # int32 [S], document (index into the global cu_seqlens) of each segment
-    q_pos_offsets: torch.Tensor  # int32 [S], position of each segment's first query in its document
-    max_seqlen_q: int  # longest segment
-
-
-def build_cp_query_segments(cu_seqlens: torch.Tensor, q_ranges: Sequence[tuple[int, int]]) -> CPQuerySegments:
-    """Split a rank's query token ranges at document boundaries.
-
-    cu_seqlens: int [n_docs + 1], documents over the N gathered (global, packed) tokens.
-    q_ranges: half-open global token ranges the rank holds, in local order (with the paper's CP,
-    chunks i and 2cp-1-i of each row). Pass the result with k/v = the gathered tokens and
-    cu_seqlens_k = cu_seqlens, max_seqlen_k = the longest document.
-    """
-    bounds = [int(x) for x in cu_seqlens.tolist()]
-    n_tokens = bounds[-1]
-    cu_q, docs, offs = [0], [], []
-    for a, b in q_ranges:
-        if not 0 <= a <= b <= n_tokens:
-            raise ValueError(f"query range ({a}, {b}) is outside the {n_tokens} gathered tokens")
-        d = max(bisect.bisect_right(bounds, a) - 1, 0)
-        while a < b:
-            while bounds[d + 1] <= a:  # skip empty documents
-                d += 1
-            end = min(b, bounds[d + 1])
-            cu_q.append(cu_q[-1] + end - a)
-            docs.append(d)
-            offs.append(a - bounds[d])
-            a = end
-    dev = cu_seqlens.device
-    lens = [e - s for s, e in zip(cu_q[:-1], cu_q[1:])]
-    return CPQuerySegments(
-        cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32, device=dev),
-        q_doc_idx=torch.tensor(docs, dtype=torch.int32, device=dev),
-        q_pos_offsets=torch.tensor(offs, dtype=torch.int32, device=dev),
-        max_seqlen_q=max(lens, default=0),
-    )
 
 
 def attention(

@@ -19,8 +19,8 @@ from llama3hp.kernels.attention import (
     attention_ref,
     attention_varlen,
     attention_varlen_ref,
-    build_cp_query_segments,
 )
+from llama3hp.parallel.context import build_cp_query_segments
 
 # `llama3hp.kernels.attention` the attribute is the function; the module is reached by name.
 attn = importlib.import_module("llama3hp.kernels.attention")
