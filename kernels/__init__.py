@@ -1,7 +1,7 @@
 """llama3hp.kernels: the fused ops the model calls.
 
 Each op lives in one module with its Triton kernels, its autograd Function and its plain-PyTorch
-reference (`*_ref`). The public function dispatches by `backend` ("auto" | "triton" | "torch",
+reference (`*_ref`); an op that outgrows a file becomes a package split by job (`attention/`). The public function dispatches by `backend` ("auto" | "triton" | "torch",
 see `dispatch.py`): Triton on CUDA, the reference elsewhere.
 """
 
