@@ -35,7 +35,8 @@ The package, one job per module (the kernel triad: kernels, Function and referen
 - `reference.py`: `attention_ref`, `attention_varlen_ref`, `document_ids` (plain PyTorch);
 - `checks.py`: argument checks shared by the references and the kernel path;
 - `tiles.py`: the H100 tile candidates per kernel and head-dim class, their pruner, the autotune key;
-- `common.py`: what forward and backward share (segment bounds in jit, output buffers);
+- `common.py`: what forward and backward share (the jit prologue locating a program's rows and keys,
+  output buffers);
 - `forward.py`: `_attn_fwd_kernel` and its launcher;
 - `backward.py`: the preprocess, dK/dV and dQ kernels and their launcher;
 - `api.py`: `AttentionFunction`, `attention`, `attention_varlen`.

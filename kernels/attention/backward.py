@@ -16,7 +16,7 @@ except ImportError:  # pragma: no cover - the reference path works without trito
     triton = None
 
 if triton is not None:
-    from llama3hp.kernels.attention.common import _segment_bounds
+    from llama3hp.kernels.attention.common import _doc_keys, _query_block, _segment_queries
     from llama3hp.kernels.attention.tiles import _CACHE, _DKDV_CONFIGS, _DQ_CONFIGS, _pruner
 
     @triton.jit
@@ -50,6 +50,15 @@ if triton is not None:
             # d lse / d s_ij = p_ij, so an LSE gradient enters dS as p * (dP - delta + dlse).
             delta -= tl.load(DLSE + head.to(tl.int64) * n_q_tokens + offs, mask=ok, other=0.0)
         tl.store(DELTA + head.to(tl.int64) * n_q_tokens + offs, delta, mask=ok)
+
+    @triton.jit
+    def _row_stats(LSE, DELTA, head, n_q_tokens, tok, row_ok):
+        """(lse in log2 units, delta) [rows] of q head `head` at query tokens `tok`. Rows outside the
+        segment and rows that saw no key (lse = -inf) get lse = +inf, so P = exp2(s - lse) = 0."""
+        lse = tl.load(LSE + head.to(tl.int64) * n_q_tokens + tok, mask=row_ok, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+        delta = tl.load(DELTA + head.to(tl.int64) * n_q_tokens + tok, mask=row_ok, other=0.0)
+        return lse, delta
 
     @triton.jit
     def _dkdv_inner(
@@ -88,10 +97,7 @@ if triton is not None:
             tok = q_start + rows
             q = tl.load(Q + tok[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
             do = tl.load(DO + tok[:, None] * stride_don + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            lse = tl.load(LSE + head.to(tl.int64) * n_q_tokens + tok, mask=row_ok, other=float("inf"))
-            # Rows outside the segment and rows that saw no key (lse = -inf) get P = 0.
-            lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-            delta = tl.load(DELTA + head.to(tl.int64) * n_q_tokens + tok, mask=row_ok, other=0.0)
+            lse, delta = _row_stats(LSE, DELTA, head, n_q_tokens, tok, row_ok)
             qk_t = tl.dot(k, tl.trans(q))  # [BLOCK_N, BLOCK_M]
             p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
             if MASKED:
@@ -164,8 +170,7 @@ if triton is not None:
         n_block = tl.program_id(0)
         doc = tl.program_id(1)
         kv_head = tl.program_id(2)
-        k_start = tl.load(CU_K + doc).to(tl.int64)
-        seqlen_k = (tl.load(CU_K + doc + 1) - k_start).to(tl.int32)
+        k_start, seqlen_k = _doc_keys(CU_K, doc)
         start_n = n_block * BLOCK_N
         if start_n >= seqlen_k:
             return
@@ -188,12 +193,7 @@ if triton is not None:
         last_key = start_n + BLOCK_N - 1
         for t in range(tl.load(DOC_SEG_PTR + doc), tl.load(DOC_SEG_PTR + doc + 1)):
             seg = tl.load(SEG_ORDER + t)
-            q_start = tl.load(CU_Q + seg).to(tl.int64)
-            seqlen_q = (tl.load(CU_Q + seg + 1) - q_start).to(tl.int32)
-            if HAS_Q_POS:
-                q_off = tl.load(Q_POS + seg)
-            else:
-                q_off = seqlen_k - seqlen_q
+            q_start, seqlen_q, q_off = _segment_queries(CU_Q, Q_POS, seg, seqlen_k, HAS_Q_POS)
             # Query rows j see this block once q_off + j >= start_n; rows with q_off + j >= last_key
             # see all of it (no mask).
             lo = (tl.maximum(start_n - q_off, 0) // BLOCK_M) * BLOCK_M
@@ -310,18 +310,13 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
     ):
         """One (query block, segment, q head): dQ by recomputing P and dP (no atomics)."""
-        seg = tl.program_id(1)
         head = tl.program_id(2)
-        q_start, seqlen_q, k_start, seqlen_k, q_off = _segment_bounds(
-            CU_Q, CU_K, Q_DOC, Q_POS, seg, HAS_Q_DOC, HAS_Q_POS
+        m_block, tok, row_ok, q_pos, k_start, seqlen_k, full_end, hi = _query_block(
+            CU_Q, CU_K, Q_DOC, Q_POS, HAS_Q_DOC, HAS_Q_POS, BLOCK_M, BLOCK_N
         )
-        m_block = tl.cdiv(seqlen_q, BLOCK_M) - 1 - tl.program_id(0)
         if m_block < 0:
             return
-        offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
-        row_ok = offs_m < seqlen_q
-        tok = q_start + offs_m
         q = tl.load(
             Q + tok[:, None] * stride_qn + head * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0
         )
@@ -330,19 +325,12 @@ if triton is not None:
             mask=row_ok[:, None],
             other=0.0,
         )
-        lse = tl.load(LSE + head.to(tl.int64) * n_q_tokens + tok, mask=row_ok, other=float("inf"))
-        lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-        delta = tl.load(DELTA + head.to(tl.int64) * n_q_tokens + tok, mask=row_ok, other=0.0)
+        lse, delta = _row_stats(LSE, DELTA, head, n_q_tokens, tok, row_ok)
         kv_head = head // GROUP
         k_base = K + k_start * stride_kn + kv_head * stride_kh
         v_base = V + k_start * stride_vn + kv_head * stride_vh
-
-        q_pos = q_off + offs_m
-        first_pos = q_off + m_block * BLOCK_M
-        last_pos = q_off + tl.minimum(seqlen_q, (m_block + 1) * BLOCK_M) - 1
-        full_end = (tl.maximum(tl.minimum(first_pos + 1, seqlen_k), 0) // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(seqlen_k, last_pos + 1)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        # Keys [0, full_end) without the mask, then [full_end, hi) with it (see _query_block).
         dq = _dq_inner(
             dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, q_pos, seqlen_k, 0, full_end, qk_scale,
             HEAD_DIM, BLOCK_N, False,

@@ -15,7 +15,7 @@ except ImportError:  # pragma: no cover - the reference path works without trito
     triton = None
 
 if triton is not None:
-    from llama3hp.kernels.attention.common import _segment_bounds
+    from llama3hp.kernels.attention.common import _query_block
     from llama3hp.kernels.attention.tiles import _CACHE, _FWD_CONFIGS, _pruner
 
     @triton.jit
@@ -98,37 +98,24 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
     ):
         """One (query block, segment, q head). Q/O [Nq, Hq, D]; K/V [Nk, Hk, D]; LSE fp32 [Hq, Nq]."""
-        seg = tl.program_id(1)
         head = tl.program_id(2)
-        q_start, seqlen_q, k_start, seqlen_k, q_off = _segment_bounds(
-            CU_Q, CU_K, Q_DOC, Q_POS, seg, HAS_Q_DOC, HAS_Q_POS
+        m_block, tok, row_ok, q_pos, k_start, seqlen_k, full_end, hi = _query_block(
+            CU_Q, CU_K, Q_DOC, Q_POS, HAS_Q_DOC, HAS_Q_POS, BLOCK_M, BLOCK_N
         )
-        # Longest key loops first (the last query block of a segment sees the most keys), so the
-        # tail of the grid is made of short programs.
-        m_block = tl.cdiv(seqlen_q, BLOCK_M) - 1 - tl.program_id(0)
         if m_block < 0:
             return
-        offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
-        row_ok = offs_m < seqlen_q
-        q_ptrs = Q + (q_start + offs_m)[:, None] * stride_qn + head * stride_qh + offs_d[None, :]
+        q_ptrs = Q + tok[:, None] * stride_qn + head * stride_qh + offs_d[None, :]
         q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
         kv_head = head // GROUP
         k_base = K + k_start * stride_kn + kv_head * stride_kh
         v_base = V + k_start * stride_vn + kv_head * stride_vh
 
-        q_pos = q_off + offs_m
-        first_pos = q_off + m_block * BLOCK_M
-        last_pos = q_off + tl.minimum(seqlen_q, (m_block + 1) * BLOCK_M) - 1
-        # Keys [0, full_end) are visible to every row of the block: no mask. Keys up to the last
-        # row's position straddle the diagonal (or the end of the document): masked.
-        full_end = (tl.maximum(tl.minimum(first_pos + 1, seqlen_k), 0) // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(seqlen_k, last_pos + 1)
-
         # A finite floor keeps exp2(m_old - m_new) at 1 (not NaN) while a row has seen no key.
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        # Keys [0, full_end) without the mask, then [full_end, hi) with it (see _query_block).
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, seqlen_k, 0, full_end, qk_scale,
             HEAD_DIM, BLOCK_N, False,
@@ -143,9 +130,9 @@ if triton is not None:
         lse = tl.where(
             has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453, float("-inf")
         )
-        o_ptrs = O + (q_start + offs_m)[:, None] * stride_on + head * stride_oh + offs_d[None, :]
+        o_ptrs = O + tok[:, None] * stride_on + head * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
-        tl.store(LSE + head.to(tl.int64) * n_q_tokens + q_start + offs_m, lse, mask=row_ok)
+        tl.store(LSE + head.to(tl.int64) * n_q_tokens + tok, lse, mask=row_ok)
 
 
 def _attn_fwd(
