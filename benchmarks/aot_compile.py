@@ -11,7 +11,7 @@ the target: every launch is compiled to a cubin and not run, and every config of
 kernel is compiled (the autotuner would try each on the GPU). For each cubin it reads registers,
 spilled bytes (cuobjdump's STACK/LOCAL) and shared memory, and flags what would not launch on an
 H100 (more than 227 KiB of shared memory per block). Attention's per-head-dim candidate tiles
-(`kernels/attention.py`, _CANDIDATES) were chosen from this report.
+(`kernels/attention/tiles.py`, _CANDIDATES) were chosen from this report.
 
 It writes aot_sm<arch>.json and .md to --out (default benchmarks/results/aot-sm<arch>/: a compile
 report made without a GPU, not a measurement). Exit status 1 on any compile error or a kernel that
@@ -162,7 +162,7 @@ def scenarios(quick: bool) -> list[tuple[str, Callable[[], None]]]:
     import torch
 
     import llama3hp.kernels as K
-    from llama3hp.kernels.attention import build_cp_query_segments
+    from llama3hp.parallel.context import build_cp_query_segments
 
     bf16, e4m3, e5m2 = torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2
 

@@ -1,17 +1,15 @@
 """llama3hp.kernels: the fused ops the model calls.
 
 Each op lives in one module with its Triton kernels, its autograd Function and its plain-PyTorch
-reference (`*_ref`). The public function dispatches by `backend` ("auto" | "triton" | "torch",
+reference (`*_ref`); an op that outgrows a file becomes a package split by job (`attention/`). The public function dispatches by `backend` ("auto" | "triton" | "torch",
 see `dispatch.py`): Triton on CUDA, the reference elsewhere.
 """
 
 from llama3hp.kernels.attention import (
-    CPQuerySegments,
     attention,
     attention_ref,
     attention_varlen,
     attention_varlen_ref,
-    build_cp_query_segments,
     document_ids,
 )
 from llama3hp.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
@@ -31,14 +29,12 @@ from llama3hp.kernels.swiglu import swiglu, swiglu_packed, swiglu_packed_ref, sw
 
 __all__ = [
     "BACKENDS",
-    "CPQuerySegments",
     "apply_rope",
     "apply_rope_ref",
     "attention",
     "attention_ref",
     "attention_varlen",
     "attention_varlen_ref",
-    "build_cp_query_segments",
     "check_backend",
     "dequantize_rowwise",
     "document_ids",

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 import llama3hp.kernels as K
 from llama3hp.data.batch import Batch
-from llama3hp.kernels.attention import attention_varlen, build_cp_query_segments
+from llama3hp.kernels.attention import attention_varlen
 from llama3hp.kernels.dispatch import use_triton
 from llama3hp.model.rope import document_positions
 from llama3hp.parallel.comm import (
@@ -148,6 +148,73 @@ class WaitKV(torch.autograd.Function):
         return gk, gv, None, None
 
 
+@dataclass(frozen=True)
+class DocPiece:
+    """Tokens [start, end) of one document: `doc` indexes cu_seqlens, `offset` is the position of
+    `start` in that document."""
+
+    start: int
+    end: int
+    doc: int
+    offset: int
+
+
+def split_at_documents(bounds: list[int], ranges: list[tuple[int, int]]) -> list[DocPiece]:
+    """Half-open token ranges cut at document boundaries, in order (the one place CP segments are cut).
+
+    bounds: cu_seqlens as ints [n_docs + 1] over N tokens (empty documents allowed: no piece lies in
+    one). ranges: (start, end) pairs within [0, N].
+    """
+    n_tokens = bounds[-1]
+    pieces = []
+    for a, b in ranges:
+        if not 0 <= a <= b <= n_tokens:
+            raise ValueError(f"token range ({a}, {b}) is outside the {n_tokens} tokens of cu_seqlens")
+        d = max(bisect.bisect_right(bounds, a) - 1, 0)
+        while a < b:
+            while bounds[d + 1] <= a:  # skip empty documents
+                d += 1
+            end = min(b, bounds[d + 1])
+            pieces.append(DocPiece(a, end, d, a - bounds[d]))
+            a = end
+    return pieces
+
+
+@dataclass(frozen=True)
+class CPQuerySegments:
+    """Query segments of one context-parallel rank, ready for `attention_varlen` over gathered K/V."""
+
+    cu_seqlens_q: torch.Tensor  # int32 [S + 1], offsets into the rank's local queries
+    q_doc_idx: torch.Tensor  # int32 [S], document (index into the global cu_seqlens) of each segment
+    q_pos_offsets: torch.Tensor  # int32 [S], position of each segment's first query in its document
+    max_seqlen_q: int  # longest segment
+
+
+def build_cp_query_segments(cu_seqlens: torch.Tensor, q_ranges: list[tuple[int, int]]) -> CPQuerySegments:
+    """Split a rank's query token ranges at document boundaries (the non-overlapped CP path).
+
+    cu_seqlens: int [n_docs + 1], documents over the N gathered (global, packed) tokens.
+    q_ranges: half-open global token ranges the rank holds, in local order (with the paper's CP,
+    chunks i and 2cp-1-i of each row). Pass the result with k/v = the gathered tokens and
+    cu_seqlens_k = cu_seqlens, max_seqlen_k = the longest document.
+    """
+    pieces = split_at_documents([int(x) for x in cu_seqlens.tolist()], q_ranges)
+    cu_q = [0]
+    for p in pieces:
+        cu_q.append(cu_q[-1] + p.end - p.start)
+    t = lambda x: torch.tensor(x, dtype=torch.int32, device=cu_seqlens.device)
+    return CPQuerySegments(
+        cu_seqlens_q=t(cu_q),
+        q_doc_idx=t([p.doc for p in pieces]),
+        q_pos_offsets=t([p.offset for p in pieces]),
+        max_seqlen_q=max((p.end - p.start for p in pieces), default=0),
+    )
+
+
+# (cu_q, cu_k, q_doc, q_pos, max_q, max_k) of one chunk's queries over the gathered keys.
+RemoteSegments = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]
+
+
 @dataclass
 class CPSplitSegments:
     """Varlen segments of one CP rank's split attention (host-built once per micro-batch).
@@ -161,7 +228,7 @@ class CPSplitSegments:
 
     local_cu: torch.Tensor
     max_local: int
-    remote: list = field(default_factory=list)
+    remote: list[RemoteSegments | None] = field(default_factory=list)
     remote_has_keys: bool = True  # False when every document of the rank starts inside its chunk
 
 
@@ -171,46 +238,33 @@ def build_cp_split_segments(
     """Segments for `cp_attention_split` (see CPSplitSegments); cu_seqlens over the global B*T tokens."""
     c = T // (2 * cp)
     bounds = list(range(0, B * T + 1, T)) if cu_seqlens is None else [int(x) for x in cu_seqlens.tolist()]
-    bset = sorted(set(bounds))
-
-    def pieces(a: int, b: int) -> list[tuple[int, int, int]]:
-        """[a, b) split at document bounds: (start, end, start of the piece's document)."""
-        out = []
-        i = max(0, bisect.bisect_right(bset, a) - 1)
-        while a < b:
-            doc_start = bset[i]
-            end = min(b, bset[i + 1])
-            if end > a:
-                out.append((a, end, doc_start))
-            a = max(a, end)
-            i += 1
-        return out
-
     slots = (rank, 2 * cp - 1 - rank)
     local_cu, longest = [0], 1
-    for row in range(B):
-        for j in slots:
-            for a, b, _ in pieces(row * T + j * c, row * T + (j + 1) * c):
-                local_cu.append(local_cu[-1] + b - a)
-                longest = max(longest, b - a)
-    remote, has_keys = [], False
+    for p in split_at_documents(
+        bounds, [(row * T + j * c, row * T + (j + 1) * c) for row in range(B) for j in slots]
+    ):
+        local_cu.append(local_cu[-1] + p.end - p.start)
+        longest = max(longest, p.end - p.start)
+    remote: list[RemoteSegments | None] = []
+    has_keys = False
     for j in slots:
         if j == 0:
             remote.append(None)
             continue
         cuts = [row * T + j * c for row in range(B)]
-        cu_k = sorted(set(bset) | set(cuts))
+        cu_k = sorted(set(bounds) | set(cuts))
         cu_k.append(cu_k[-1])  # a trailing empty key document for queries with no earlier keys
         empty = len(cu_k) - 2
         index = {s: i for i, s in enumerate(cu_k[:-1])}
         cu_q, q_doc, q_pos, max_q = [0], [], [], 1
-        for row in range(B):
-            for a, b, doc_start in pieces(cuts[row], cuts[row] + c):
-                cu_q.append(cu_q[-1] + b - a)
-                max_q = max(max_q, b - a)
-                q_doc.append(index[doc_start] if doc_start < cuts[row] else empty)
-                has_keys |= doc_start < cuts[row]
-                q_pos.append(T)  # past every key of the (cut) document: all visible, none masked
+        for p in split_at_documents(bounds, [(cut, cut + c) for cut in cuts]):
+            cu_q.append(cu_q[-1] + p.end - p.start)
+            max_q = max(max_q, p.end - p.start)
+            # Only a chunk's first piece can start inside a document (offset > 0); its key document is
+            # that document cut at the chunk: the keys before the chunk.
+            q_doc.append(index[bounds[p.doc]] if p.offset > 0 else empty)
+            has_keys |= p.offset > 0
+            q_pos.append(T)  # past every key of the (cut) document: all visible, none masked
         max_k = max([e - s for s, e in zip(cu_k[:-1], cu_k[1:])] + [1])
         t = lambda x: torch.tensor(x, dtype=torch.int32, device=device)
         remote.append((t(cu_q), t(cu_k), t(q_doc), t(q_pos), max_q, max_k))

@@ -1,4 +1,4 @@
-"""Document-masked flash attention (kernels/attention.py) against float64 references.
+"""Document-masked flash attention (kernels/attention/) against float64 references.
 
 Runs the Triton kernels under the interpreter on CPU (fp16/fp32; the interpreter has no bf16) with
 tiny shapes and 16x16 tiles. Every kernel output buffer is NaN-poisoned before launch, so an
@@ -19,8 +19,9 @@ from llama3hp.kernels.attention import (
     attention_ref,
     attention_varlen,
     attention_varlen_ref,
-    build_cp_query_segments,
+    common,
 )
+from llama3hp.parallel.context import build_cp_query_segments
 
 # `llama3hp.kernels.attention` the attribute is the function; the module is reached by name.
 attn = importlib.import_module("llama3hp.kernels.attention")
@@ -33,7 +34,7 @@ def _poison_outputs(monkeypatch):
     def nan_output(shape, dtype, device):
         return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(attn, "_new_output", nan_output)
+    monkeypatch.setattr(common, "_new_output", nan_output)  # where both launchers allocate
 
 
 def _cu(lengths: list[int]) -> torch.Tensor:

@@ -11,8 +11,8 @@ from llama3hp.model import PRESETS, Transformer, document_positions, get_model_a
 from llama3hp.model.flops import attention_pairs_per_token, flops_per_token, matmul_params
 from llama3hp.model.info import count_params, model_info
 
-# the submodule (the package attribute of the same name is the attention function)
-attn_mod = importlib.import_module("llama3hp.kernels.attention")
+# where attention_ref reads DENSE_MASK_MAX_T (kernels/attention/reference.py)
+attn_mod = importlib.import_module("llama3hp.kernels.attention.reference")
 
 # Published parameter counts (Meta's model cards / HF safetensors totals).
 PUBLISHED = {

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from llama3hp.kernels import attention_ref
-from llama3hp.kernels.attention import attention_varlen_ref, build_cp_query_segments
-from llama3hp.parallel.context import cp_attention_masked, cp_token_index
+from llama3hp.kernels.attention import attention_varlen_ref
+from llama3hp.parallel.context import build_cp_query_segments, cp_attention_masked, cp_token_index
 from llama3hp.parallel.mesh import ParallelConfig, ParallelDims, resolve_dims, validate_layout
 from llama3hp.parallel.pipeline import build_schedule, partition_layers, simulate
 from llama3hp.parallel.plan import PAPER_LAYOUTS, main, plan
