@@ -128,6 +128,9 @@ class LocalModel:
         self.chunks = [model]
         self.tp_dims: dict[str, int] = {}
         self.amp_dtype = amp_dtype
+        # AdamW's param_groups in DCP's name-keyed form, from the checkpoint_state that a load fills
+        # (finish_load hands them back with the loaded state; hyper-parameters stay the config's).
+        self._param_groups: list[dict[str, Any]] | None = None
 
     def forward_backward(self, batches: list[Batch], objective: Objective | None = None) -> StepStats:
         objective = objective or NextTokenLoss()
@@ -185,6 +188,7 @@ class LocalModel:
 
         optim_sd = {}
         if optimizer is not None:
+            assert self._param_groups is not None, "finish_load follows checkpoint_state(optimizer, ...)"
             optim_sd = {"state": state["optim"]["state"], "param_groups": self._param_groups}
         set_state_dict(
             self.model, optimizer if optimizer is not None else [],
