@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -180,7 +180,7 @@ class LocalModel:
             # Only the per-parameter state: hyper-parameters come from the config (a mesh stores no
             # param_groups either, so any layout reads any checkpoint).
             state["optim"] = {"state": optim_sd["state"]}
-            self._param_groups = optim_sd["param_groups"]
+            self._param_groups = cast(list[dict[str, Any]], optim_sd["param_groups"])
         return state
 
     def finish_load(self, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> None:
