@@ -26,7 +26,8 @@ try:
             sorted(["csrc/bindings.cpp", "csrc/index_builder.cpp"]),
             include_dirs=["csrc"],
             cxx_std=17,
-            extra_compile_args=["-O3"],
+            # -ffp-contract=off: the blending loop must round like numpy (see index_builder.cpp).
+            extra_compile_args=["-O3", "-ffp-contract=off"],
             optional=True,
         )
     ]

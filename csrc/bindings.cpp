@@ -5,6 +5,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -29,17 +30,49 @@ py::array_t<T, py::array::c_style> as_1d(const py::array& a, const char* fn, con
     return py::array_t<T, py::array::c_style | py::array::forcecast>::ensure(a);
 }
 
-py::array_t<int64_t> py_build_sample_idx(const py::array& sizes, int64_t seq_len) {
-    auto s = as_1d<int64_t>(sizes, "build_sample_idx", "sizes", 'i');
-    std::vector<int64_t> out;
-    {
+// The index as a numpy [rows, 2] array that owns the builder's buffer (no copy).
+py::array_t<int64_t> as_rows(llama3hp::SampleRows rows) {
+    py::capsule owner(rows.data, [](void* p) { std::free(p); });
+    return py::array_t<int64_t>({static_cast<py::ssize_t>(rows.n_rows), static_cast<py::ssize_t>(2)}, rows.data,
+                                owner);
+}
+
+bool is_int32(const py::array& a) { return a.dtype().is(py::dtype::of<int32_t>()); }
+
+template <typename S>
+llama3hp::SampleRows gather_with(const py::array_t<S, py::array::c_style>& s, const py::array& doc_idx,
+                                 int64_t seq_len) {
+    if (is_int32(doc_idx)) {
+        auto d = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(doc_idx);
         py::gil_scoped_release release;
-        out = llama3hp::build_sample_idx(s.data(), s.shape(0), seq_len);
+        return llama3hp::build_sample_idx_gather(s.data(), s.shape(0), d.data(), d.shape(0), seq_len);
     }
-    const py::ssize_t rows = static_cast<py::ssize_t>(out.size() / 2);
-    py::array_t<int64_t> result({rows, static_cast<py::ssize_t>(2)});
-    std::copy(out.begin(), out.end(), result.mutable_data());
-    return result;
+    auto d = as_1d<int64_t>(doc_idx, "build_sample_idx", "doc_idx", 'i');
+    py::gil_scoped_release release;
+    return llama3hp::build_sample_idx_gather(s.data(), s.shape(0), d.data(), d.shape(0), seq_len);
+}
+
+py::array_t<int64_t> py_build_sample_idx(const py::array& sizes, int64_t seq_len, const py::object& doc_idx) {
+    if (doc_idx.is_none()) {
+        auto s = as_1d<int64_t>(sizes, "build_sample_idx", "sizes", 'i');
+        llama3hp::SampleRows rows;
+        {
+            py::gil_scoped_release release;
+            rows = llama3hp::build_sample_idx_rows(s.data(), s.shape(0), seq_len);
+        }
+        return as_rows(rows);
+    }
+    const py::array d = py::array::ensure(doc_idx);
+    if (!d || d.ndim() != 1 || (d.dtype().kind() != 'i' && d.dtype().kind() != 'u')) {
+        throw py::value_error("build_sample_idx: doc_idx must be a 1-D integer array or None");
+    }
+    // int32 sizes stay int32 (half the bytes the gather touches, as Megatron's helpers read them).
+    if (sizes.ndim() == 1 && is_int32(sizes)) {
+        auto s = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(sizes);
+        return as_rows(gather_with<int32_t>(s, d, seq_len));
+    }
+    auto s = as_1d<int64_t>(sizes, "build_sample_idx", "sizes", 'i');
+    return as_rows(gather_with<int64_t>(s, d, seq_len));
 }
 
 py::tuple py_build_blending_indices(const py::array& weights, const py::array& counts, int64_t n_samples) {
@@ -69,7 +102,9 @@ py::tuple py_build_blending_indices(const py::array& weights, const py::array& c
 PYBIND11_MODULE(_C, m) {
     m.doc() = "llama3hp CPU index builders for the packed data loader";
     m.def("build_sample_idx", &py_build_sample_idx, py::arg("sizes"), py::arg("seq_len"),
-          "Sample boundaries (segment, offset) -> int64 [n_samples + 1, 2]; sizes are pair counts per segment.");
+          py::arg("doc_idx") = py::none(),
+          "Sample boundaries (segment, offset) -> int64 [n_samples + 1, 2]; segment k holds sizes[k] pairs, "
+          "or sizes[doc_idx[k]] when doc_idx is given.");
     m.def("build_blending_indices", &py_build_blending_indices, py::arg("weights"), py::arg("counts"),
           py::arg("n_samples"),
           "Greedy blending -> (dataset_index int32 [n], dataset_sample_index int64 [n], counts_after int64 [d]).");

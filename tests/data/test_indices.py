@@ -49,6 +49,29 @@ def test_cpp_matches_python_on_random_inputs():
 
 
 @needs_cpp
+def test_cpp_gathers_a_shuffled_order_like_numpy():
+    """sizes[doc_idx[k]] inside the loop gives the rows of gathering first, for int32 and int64 inputs."""
+    rng = np.random.default_rng(1)
+    for trial in range(100):
+        n = int(rng.integers(1, 50))
+        sizes = rng.integers(0, 30, size=n) * (rng.random(n) > 0.2)
+        doc_idx = rng.permutation(n) if trial % 2 else rng.integers(0, n, size=int(rng.integers(0, 80)))
+        T = int(rng.integers(1, 40))
+        want = indices.build_sample_idx_py(sizes[doc_idx], T)
+        for sd in (np.int32, np.int64, np.uint32):
+            for dd in (np.int32, np.int64):
+                got = indices.build_sample_idx(sizes.astype(sd), T, doc_idx.astype(dd))
+                assert got.dtype == np.int64 and np.array_equal(got, want), (trial, sd, dd)
+        assert np.array_equal(indices.build_sample_idx_py(sizes, T, doc_idx), want)
+    with pytest.raises(DataError, match=r"doc_idx\[1\] = 5 is out of range \[0, 3\)"):
+        indices.build_sample_idx(np.array([1, 2, 3]), 2, np.array([0, 5]))
+    with pytest.raises(DataError, match=r"outside \[0, 3\)"):
+        indices.build_sample_idx_py(np.array([1, 2, 3]), 2, np.array([0, 5]))
+    with pytest.raises(DataError, match="is negative"):
+        indices.build_sample_idx(np.array([1, -2, 3], np.int32), 2, np.array([2, 1], np.int32))
+
+
+@needs_cpp
 def test_cpp_argument_checks():
     from llama3hp import _C
 
