@@ -2,7 +2,7 @@
 
 - `kernels/` is installed as the subpackage `llama3hp.kernels` (a top-level `kernels` would clash
   with an existing PyPI package).
-- `llama3hp._C` (pybind11, CPU-only C++: data index builders) is an optional extension: if it
+- `llama3hp._C` (pybind11, CPU-only C++: data index builders, MinHash) is an optional extension: if it
   fails to compile, setuptools prints one warning and the pure-Python fallback is used.
 - `llama3hp._fp8_cuda` (csrc/fp8: the FP8 cast+transpose kernel) is built only when nvcc is on
   the PATH (or CUDA_HOME) and the torch importable at build time is a CUDA build; otherwise one
@@ -23,7 +23,7 @@ try:
     ext_modules = [
         Pybind11Extension(
             "llama3hp._C",
-            sorted(["csrc/bindings.cpp", "csrc/index_builder.cpp"]),
+            sorted(["csrc/bindings.cpp", "csrc/index_builder.cpp", "csrc/minhash.cpp"]),
             include_dirs=["csrc"],
             cxx_std=17,
             # -ffp-contract=off: the blending loop must round like numpy (see index_builder.cpp).
