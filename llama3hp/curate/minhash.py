@@ -131,8 +131,9 @@ def merge_runs(
 
     Runs may be memory maps: each round reads up to `block` entries from every run, emits all
     entries whose key is at most the smallest last key among the runs that still have more (values
-    as int64 plus the run's offset), and advances. A key's entries may span two blocks; the caller
-    joins them.
+    as int64 plus the run's offset), and advances. Every key of a block is <= every key of the
+    next, but a block is not sorted inside, and a key's entries may span two blocks: the caller
+    sorts each block and joins them.
     """
     pos = [0] * len(runs)
     while True:

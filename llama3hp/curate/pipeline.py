@@ -40,7 +40,7 @@ import numpy as np
 
 from llama3hp.curate import dedup, filters, minhash
 from llama3hp.curate.config import CurateConfig, config_to_dict
-from llama3hp.curate.report import Removal, StageCount, build_report, format_report
+from llama3hp.curate.report import Removal, StageCount, build_report
 from llama3hp.data.errors import DataError
 from llama3hp.data.readers import Record, Task, expand_inputs, jsonl_blocks, read_task
 from llama3hp.data.shards import commit_dir, write_json_atomic
@@ -63,7 +63,11 @@ def plan_shards(files: list[Path], shard_bytes: int) -> list[list[Task]]:
         if f.suffix == ".jsonl":
             tasks += [(t, t.length) for t in jsonl_blocks(f, i, block_bytes=max(1 << 16, shard_bytes))[0]]
         else:
-            tasks.append((Task("text", i, str(f)), f.stat().st_size))
+            try:
+                size = f.stat().st_size
+            except OSError as e:
+                raise DataError(f"cannot read input file {f}: {e.strerror}") from None
+            tasks.append((Task("text", i, str(f)), size))
     shards: list[list[Task]] = [[]]
     size = 0
     for task, n in tasks:
@@ -485,8 +489,8 @@ def curate(
     with open(final / "removed.ndjson.tmp", "w", encoding="utf-8") as f:
         f.writelines(removed_lines)
     os.replace(final / "removed.ndjson.tmp", final / "removed.ndjson")
+    # No report.txt: prepare reads .txt files in the folder as documents.
     write_json_atomic(final / "report.json", report)
-    (final / "report.txt").write_text(format_report(report))
     commit_dir(final, out)
     shutil.rmtree(work, ignore_errors=True)
     return report
