@@ -60,7 +60,7 @@ SampleRows sample_idx_impl(const S* sizes, int64_t n_sizes, const D* doc_idx, in
     int64_t seg_begin = 0;
     int64_t target = 0;
     int64_t negative = 0;  // OR of every size: its sign bit says one was negative, checked after the loop
-    for (int64_t k = 0; k < n_segments; ++k) {
+    auto size_of = [&](int64_t k) -> int64_t {
         int64_t d = k;
         if constexpr (Gather) {
             d = static_cast<int64_t>(doc_idx[k]);
@@ -70,15 +70,38 @@ SampleRows sample_idx_impl(const S* sizes, int64_t n_sizes, const D* doc_idx, in
                                             ")");
             }
         }
-        const int64_t size = static_cast<int64_t>(sizes[d]);
+        return static_cast<int64_t>(sizes[d]);
+    };
+    // In order, blocks of kBlock segments: the ends are summed first, then each boundary inside the
+    // block finds its segment by counting the ends at or before it (no branch). A per-segment "does
+    // it hold a boundary?" branch is a coin flip the predictor loses once per sample; per block of 8
+    // (about one 8K-token sample) the count is far more regular: 1.23x Megatron's speed instead of
+    // 0.92x at 10M documents. Gathering, the per-segment loop below keeps more loads in flight
+    // (the block loop measured 0.53x there, the plain loop 1.09x).
+    constexpr int kBlock = 8;
+    int64_t k = 0;
+    for (; !Gather && k + kBlock <= n_segments; k += kBlock) {
+        int64_t ends[kBlock + 1];  // ends[0] = block start, ends[j + 1] = end of segment k + j
+        ends[0] = seg_begin;
+        for (int j = 0; j < kBlock; ++j) {
+            const int64_t size = size_of(k + j);
+            negative |= size;
+            ends[j + 1] = ends[j] + size;
+        }
+        while (target < ends[kBlock]) {
+            int64_t j = 0;
+            for (int i = 1; i < kBlock; ++i) j += ends[i] <= target;  // skips empty segments too
+            out.push(k + j, target - ends[j]);
+            target += seq_len;
+        }
+        seg_begin = ends[kBlock];
+    }
+    for (; k < n_segments; ++k) {
+        const int64_t size = size_of(k);
         negative |= size;
         const int64_t seg_end = seg_begin + size;
-        // Boundaries are rare next to segments (one per seq_len pairs): keep the common path short.
-        if (__builtin_expect(target < seg_end, 0)) {
-            do {
-                out.push(k, target - seg_begin);
-                target += seq_len;
-            } while (target < seg_end);
+        for (; target < seg_end; target += seq_len) {
+            out.push(k, target - seg_begin);
         }
         seg_begin = seg_end;
     }
