@@ -341,6 +341,10 @@ def _clean(job: tuple[int, list[Task], int]) -> None:
     bucket = dec["bucket"][first : first + len(records)]
     words = filters.load_word_list(cfg.filters.words_file)
     kl_on = cfg.filters.enabled and cfg.filters.max_token_kl > 0
+    if cfg.lines.enabled:  # the scan pass hashed every line already
+        scan = work / "scan" / f"{s:05d}"
+        all_keys = np.load(scan / "line_keys.npy")
+        key_start = np.concatenate([[0], np.cumsum(np.load(scan / "line_counts.npy"))])
     line_edits, removals, out = [], [], []
     stats = {"lines_removed": 0, "line_bytes_removed": 0}
     hists: list[tuple[np.ndarray, np.ndarray]] = []
@@ -349,7 +353,7 @@ def _clean(job: tuple[int, list[Task], int]) -> None:
             continue
         text = rec.text
         if cfg.lines.enabled:
-            keys = dedup.line_keys(text, cfg.lines.min_chars)
+            keys = all_keys[key_start[d] : key_start[d + 1]]
             bad = np.isin(keys, _bad_lines(int(bucket[d])))
             if bad.any():
                 lines = text.split("\n")
@@ -359,7 +363,8 @@ def _clean(job: tuple[int, list[Task], int]) -> None:
                 stats["line_bytes_removed"] += cut
                 line_edits.append((first + d, cut))
             if not text.strip():
-                removals.append(Removal(first + d, "lines", "empty_after_line_dedup", float(bad.sum())))
+                reason = "empty_after_line_dedup" if bad.any() else "empty"
+                removals.append(Removal(first + d, "lines", reason, float(bad.sum())))
                 continue
         if cfg.filters.enabled:
             fail = filters.first_failure(text, cfg.filters, words)
