@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.workload import parse_args, publish
+from benchmarks.workload import header, parse_args, publish
 
 N_FILES = 8
 BANDS, ROWS, N_GRAM = 20, 10, 5
@@ -291,12 +291,7 @@ def stage_rows(folder: Path, n_docs: int, n_bytes: int, tmp: Path) -> list[dict]
 
 def markdown(rows: list[dict], env: dict) -> str:
     lines = [
-        "# Curation throughput against datatrove (CPU, 2 workers)",
-        "",
-        f"{env['date']}, {env['cpu']} ({env['cores']} cores), Python {env['python']}; "
-        + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
-        + f"; command `{env['command']}`",
-        "",
+        *header("Curation throughput against datatrove (CPU, 2 workers)", env),
         f"Inputs: `stdlib`, {rows[0]['docs']:,} documents, {rows[0]['mb']:.1f} MB (the default corpus as JSONL); "
         "`planted`, random-word documents and copies of a quarter of them with 5% of the words rewritten a "
         f"sentence at a time. MinHash: word {N_GRAM}-grams, {BANDS} bands x {ROWS} rows, for both.",

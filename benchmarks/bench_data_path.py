@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.workload import paired, parse_args, publish, run_process
+from benchmarks.workload import header, paired, parse_args, publish, run_process
 
 WEIGHTS = np.array([0.50, 0.25, 0.17, 0.08])
 
@@ -162,12 +162,7 @@ def prepare_case(files: list[Path], reps: int, work: Path) -> dict:
 
 def markdown(rows: list[dict], env: dict) -> str:
     lines = [
-        "# Data path against its peers (CPU)",
-        "",
-        f"{env['date']}, {env['cpu']} ({env['cores']} cores), Python {env['python']}; "
-        + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
-        + f"; command `{env['command']}`",
-        "",
+        *header("Data path against its peers (CPU)", env),
         "| case | size | llama3hp s | peer | peer s | speedup (peer s / ours) | agreement |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]

@@ -60,6 +60,18 @@ def environment(peers: Sequence[str]) -> dict[str, Any]:
     }
 
 
+def header(title: str, env: dict[str, Any]) -> list[str]:
+    """The first lines of a results table: title, then machine, versions and command."""
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+    return [
+        f"# {title}",
+        "",
+        f"{env['date']}, {env['cpu']} ({env['cores']} cores), Python {env['python']}; {versions}; "
+        f"command `{env['command']}`",
+        "",
+    ]
+
+
 def paired(ours: Callable[[], Any], peer: Callable[[], Any], reps: int) -> dict[str, float]:
     """Median seconds of each and the median per-pair speedup (peer time / our time).
 
