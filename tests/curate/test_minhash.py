@@ -117,3 +117,16 @@ def test_unrelated_documents_are_never_merged(tmp_path):
     recs = [{"id": str(i), "text": header + " " + " ".join(random_doc(rng, vocab, 300))} for i in range(2000)]
     curate([write_jsonl(tmp_path / "u.jsonl", recs)], tmp_path / "out", only("minhash"))
     assert read_removed(tmp_path / "out") == []
+
+
+def test_token_shingles_find_the_same_planted_copy(tmp_path):
+    """minhash.shingle=token: Llama 3 token 5-grams instead of words (the numpy path)."""
+    rng = np.random.default_rng(5)
+    vocab = vocabulary(rng, 2000)
+    base = [random_doc(rng, vocab, 300) for _ in range(20)]
+    recs = [{"id": f"orig{i}", "text": " ".join(d)} for i, d in enumerate(base)]
+    recs.append({"id": "edit3", "text": " ".join(edit_words(rng, vocab, base[3], 0.02, 6))})
+    cfg = only("minhash")
+    cfg.minhash.shingle = "token"
+    curate([write_jsonl(tmp_path / "t.jsonl", recs)], tmp_path / "out", cfg)
+    assert [(r["id"], r["duplicate_of"]) for r in read_removed(tmp_path / "out")] == [("edit3", "orig3")]
