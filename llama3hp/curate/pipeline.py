@@ -99,7 +99,8 @@ def _prepare_work(out: Path, fingerprint: str, overwrite: bool) -> Path:
         shutil.rmtree(work)  # another input or config: nothing there can be reused
     for sub in ("scan", "clean", "final"):
         (work / sub).mkdir(parents=True, exist_ok=True)
-    stamp.write_text(fingerprint)
+    stamp.with_suffix(".tmp").write_text(fingerprint)
+    os.replace(stamp.with_suffix(".tmp"), stamp)
     return work
 
 
@@ -302,7 +303,9 @@ def _count_lines(cfg: CurateConfig, scans: _Scans, bucket: np.ndarray, work: Pat
 
     def flush(b: int) -> None:
         keys = np.concatenate(parts) if parts else np.zeros(0, np.uint64)
-        np.save(work / "lines" / f"bucket_{b:06d}.npy", dedup.over_threshold_lines(keys, cfg.lines.max_count))
+        path = work / "lines" / f"bucket_{b:06d}.npy"
+        np.save(path.with_suffix(".tmp.npy"), dedup.over_threshold_lines(keys, cfg.lines.max_count))
+        os.replace(path.with_suffix(".tmp.npy"), path)
 
     for s in range(len(scans.dirs)):
         counts = np.load(scans.dirs[s] / "line_counts.npy")
