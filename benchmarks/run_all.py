@@ -1,5 +1,7 @@
 """Runs every `benchmarks/bench_*.py` module in one process: python -m benchmarks.run_all [--quick] [--out DIR].
 
+Kernel benchmarks first, then the CPU workload ones (curation, the data path).
+
 Arguments are passed through to each benchmark's `main`. A failing benchmark is reported and the
 others still run; the exit status is non-zero if any failed.
 """
@@ -12,11 +14,17 @@ import sys
 import traceback
 from pathlib import Path
 
+# CPU workload benchmarks: whole pipelines against peers (datatrove, megatron-core, raw tiktoken),
+# with rows and tables of their own (benchmarks/workload.py) rather than the kernel harness's.
+WORKLOADS = ("benchmarks.bench_curate", "benchmarks.bench_data_path")
+
 
 def discover() -> list[str]:
-    """Module names of the benchmarks next to this file, sorted."""
+    """Module names of the kernel benchmarks next to this file, sorted."""
     here = Path(__file__).resolve().parent
-    return sorted(f"benchmarks.{p.stem}" for p in here.glob("bench_*.py"))
+    return sorted(
+        f"benchmarks.{p.stem}" for p in here.glob("bench_*.py") if f"benchmarks.{p.stem}" not in WORKLOADS
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args, passthrough = parser.parse_known_args(argv)
     failed = []
-    for name in discover():
+    for name in discover() + list(WORKLOADS):
         if args.only and name.removeprefix("benchmarks.bench_") not in args.only:
             continue
         print(f"== {name}", flush=True)

@@ -21,6 +21,21 @@ namespace llama3hp {
 // Throws std::invalid_argument on seq_len < 1 or a negative size.
 std::vector<int64_t> build_sample_idx(const int64_t* sizes, int64_t n_sizes, int64_t seq_len);
 
+// The same rows in a malloc'ed buffer of n_rows * 2 values that the caller frees with std::free
+// (the Python binding hands it to numpy without a copy).
+struct SampleRows {
+    int64_t* data;
+    int64_t n_rows;
+};
+SampleRows build_sample_idx_rows(const int64_t* sizes, int64_t n_sizes, int64_t seq_len);
+
+// The same over segments k = 0..n_segments-1 of size sizes[doc_idx[k]] (documents in a shuffled
+// order), gathering inside the loop. S and D are int32_t or int64_t (explicitly instantiated).
+// Also throws on a doc_idx entry outside [0, n_sizes).
+template <typename S, typename D>
+SampleRows build_sample_idx_gather(const S* sizes, int64_t n_sizes, const D* doc_idx, int64_t n_segments,
+                                   int64_t seq_len);
+
 // Greedy blending of n_samples global samples over n_datasets weighted datasets.
 //
 // counts (in/out, n_datasets values) holds the samples each dataset has already received; the

@@ -1,6 +1,7 @@
 // Standalone checks of the index builders (no Python): run by ctest via CMakeLists.txt.
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <stdexcept>
 #include <vector>
 
@@ -42,6 +43,19 @@ void test_sample_idx() {
 
     const auto none = llama3hp::build_sample_idx(sizes.data(), 4, 100);
     check(none.size() == 2 && none[0] == 0 && none[1] == 0, "sample_idx with fewer pairs than seq_len has no samples");
+
+    // Gathering sizes[doc_idx[k]] inside the loop equals building over the gathered sizes.
+    const std::vector<int32_t> sizes32 = {5, 2, 3, 0};
+    const std::vector<int32_t> doc_idx = {3, 2, 0, 1};  // gathered: 0, 3, 5, 2 pairs
+    const std::vector<int64_t> gathered = {0, 3, 5, 2};
+    const auto rows = llama3hp::build_sample_idx_gather(sizes32.data(), 4, doc_idx.data(), 4, int64_t{3});
+    const std::vector<int64_t> got(rows.data, rows.data + 2 * rows.n_rows);
+    std::free(rows.data);
+    check(got == llama3hp::build_sample_idx(gathered.data(), 4, 3), "gathered sample_idx equals the gathered sizes'");
+    const std::vector<int32_t> bad_idx = {0, 4};
+    check(throws_invalid_argument(
+              [&] { llama3hp::build_sample_idx_gather(sizes32.data(), 4, bad_idx.data(), 2, int64_t{3}); }),
+          "doc_idx out of range rejected");
 
     check(throws_invalid_argument([&] { llama3hp::build_sample_idx(sizes.data(), 4, 0); }), "seq_len 0 rejected");
     const std::vector<int64_t> bad = {1, -1};

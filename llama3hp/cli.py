@@ -1,4 +1,4 @@
-"""`llama3hp` command line: train, prepare, info, export, import, average, plan.
+"""`llama3hp` command line: train, prepare, curate, info, export, import, average, plan.
 
 Every user error (`llama3hp.errors.UserError`: a bad config, data file, checkpoint or command line)
 prints ONE line `error: ...` on stderr and exits with code 2. Anything else is a bug: it keeps its
@@ -72,6 +72,19 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
     print(
         f"prepared {len(inputs)} input(s) into {a.out}: {manifest['n_docs']:,} documents, {manifest['n_tokens']:,} tokens"
     )
+    return 0
+
+
+def _cmd_curate(a: argparse.Namespace) -> int:
+    from llama3hp.curate import curate, format_report, load_config
+    from llama3hp.data import default_corpus_files
+
+    # One positional list: key=value items (that are not existing paths) are overrides.
+    overrides = [x for x in a.items if "=" in x and not Path(x).exists()]
+    inputs = [Path(x) for x in a.items if x not in overrides] or default_corpus_files()
+    cfg = load_config(a.config, overrides + ([f"workers={a.workers}"] if a.workers is not None else []))
+    report = curate(inputs, a.out, cfg, overwrite=a.overwrite, progress=sys.stderr.isatty())
+    print(format_report(report) + f"\nwrote {a.out}/shard_*.jsonl, report.json and removed.ndjson")
     return 0
 
 
@@ -195,6 +208,28 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--text-field", default="text", help="JSONL field holding the text")
     pr.add_argument("--workers", type=int, default=2, help="tokenizer processes")
     pr.set_defaults(fn=_cmd_prepare)
+
+    cu = sub.add_parser(
+        "curate",
+        help="de-duplicate and filter text before prepare",
+        description="URL, exact, MinHash and line de-duplication, then heuristic filters, into JSONL shards.",
+    )
+    cu.add_argument(
+        "items",
+        nargs="*",
+        metavar="INPUT | key=value",
+        help="text/JSONL files or folders (default: the Python stdlib corpus) and settings, "
+        "e.g. minhash.threshold=0.7 lines.enabled=false",
+    )
+    cu.add_argument("--out", required=True, help="output folder (shard_*.jsonl, report.json, removed.ndjson)")
+    cu.add_argument(
+        "--config", default=None, help="TOML file of curation settings (llama3hp/curate/config.py)"
+    )
+    cu.add_argument(
+        "--workers", type=int, default=None, help="processes (default 2; output does not depend on it)"
+    )
+    cu.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    cu.set_defaults(fn=_cmd_curate)
 
     i = sub.add_parser("info", help="parameters, FLOPs and memory of a model preset")
     i.add_argument("model", help="preset name, e.g. llama3_8b")

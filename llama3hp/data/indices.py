@@ -2,9 +2,10 @@
 
 Both paths give identical arrays (tests cross-check them on random inputs):
 
-- `build_sample_idx(sizes [n] int, seq_len) -> int64 [n_samples + 1, 2]`: sample boundaries over
-  segments holding sizes[k] (input, target) pairs each; row i = (segment position, offset) of pair
-  i * seq_len, skipping empty segments; n_samples = sum(sizes) // seq_len.
+- `build_sample_idx(sizes [n] int, seq_len, doc_idx [m] int | None) -> int64 [n_samples + 1, 2]`:
+  sample boundaries over segments holding sizes[k] (input, target) pairs each (or sizes[doc_idx[k]]:
+  documents in a shuffled order, gathered inside the C++ loop); row i = (segment position, offset)
+  of pair i * seq_len, skipping empty segments; n_samples = total pairs // seq_len.
 - `build_blending_indices(weights [d] float, counts [d] int, n) -> (dataset_index int32 [n],
   dataset_sample_index int64 [n], counts_after int64 [d])`: greedy blending that gives each next
   sample to the dataset lagging its target share the most (ties to the lowest index); continuing
@@ -32,7 +33,7 @@ __all__ = [
 ]
 
 try:
-    from llama3hp import _C
+    from llama3hp import _C  # type: ignore[attr-defined]  # the compiled extension
 except ImportError:  # the extension is optional: numpy fallback below
     _C = None
 
@@ -66,8 +67,11 @@ def _as_sizes(sizes: np.ndarray) -> np.ndarray:
     return sizes.astype(np.int64, copy=False)
 
 
-def build_sample_idx_py(sizes: np.ndarray, seq_len: int) -> np.ndarray:
+def build_sample_idx_py(sizes: np.ndarray, seq_len: int, doc_idx: np.ndarray | None = None) -> np.ndarray:
     sizes = _as_sizes(sizes)
+    if doc_idx is not None:
+        doc_idx = _as_doc_idx(doc_idx, sizes.size)
+        sizes = sizes[doc_idx]
     if seq_len < 1:
         raise DataError(f"build_sample_idx: seq_len must be >= 1, got {seq_len}")
     if sizes.size and sizes.min() < 0:
@@ -81,6 +85,15 @@ def build_sample_idx_py(sizes: np.ndarray, seq_len: int) -> np.ndarray:
     off = targets - cum[k]
     out = np.stack([k, np.where(k < sizes.size, off, 0)], axis=1).astype(np.int64)
     return out
+
+
+def _as_doc_idx(doc_idx: np.ndarray, n_sizes: int) -> np.ndarray:
+    doc_idx = np.asarray(doc_idx)
+    if doc_idx.ndim != 1 or doc_idx.dtype.kind not in "iu":
+        raise DataError("build_sample_idx: doc_idx must be a 1-D integer array or None")
+    if doc_idx.size and (doc_idx.min() < 0 or doc_idx.max() >= n_sizes):
+        raise DataError(f"build_sample_idx: doc_idx has entries outside [0, {n_sizes})")
+    return doc_idx
 
 
 def build_blending_indices_py(
@@ -106,13 +119,17 @@ def build_blending_indices_py(
     return ds_idx, ds_sample, c
 
 
-def build_sample_idx(sizes: np.ndarray, seq_len: int) -> np.ndarray:
+def build_sample_idx(sizes: np.ndarray, seq_len: int, doc_idx: np.ndarray | None = None) -> np.ndarray:
     if _C is None:
         _fallback_warning()
-        return build_sample_idx_py(sizes, seq_len)
-    sizes = _as_sizes(sizes)
+        return build_sample_idx_py(sizes, seq_len, doc_idx)
+    sizes = np.asarray(sizes)
+    if sizes.ndim != 1 or sizes.dtype.kind not in "iu":
+        _as_sizes(sizes)  # raises the one-line error
+    if doc_idx is not None:
+        doc_idx = np.ascontiguousarray(doc_idx)
     try:
-        return _C.build_sample_idx(np.ascontiguousarray(sizes), int(seq_len))
+        return _C.build_sample_idx(np.ascontiguousarray(sizes), int(seq_len), doc_idx)
     except ValueError as e:
         raise DataError(str(e)) from None
 

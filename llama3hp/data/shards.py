@@ -21,7 +21,7 @@ import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -60,8 +60,8 @@ class ShardWriter:
         self.shards: list[dict[str, Any]] = []
         self.n_tokens = 0
         self.n_docs = 0
-        self._file = None
-        self._hash = None
+        self._file: BinaryIO | None = None
+        self._hash: Any = None  # hashlib.sha256() of the open shard
         self._offsets: list[int] = [0]
 
     def _open(self) -> None:
@@ -108,6 +108,7 @@ class ShardWriter:
             k = min(k, doc_lens.size - d)
             n = int(cum[k - 1])
             chunk = tokens[pos : pos + n]
+            assert self._file is not None  # opened above
             self._file.write(chunk.tobytes())
             self._hash.update(chunk.tobytes())
             base = self._offsets[-1]

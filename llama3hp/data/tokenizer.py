@@ -14,7 +14,6 @@ corner cases; decoding always reproduces the text exactly.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import functools
 import hashlib
@@ -66,6 +65,25 @@ SPECIAL_TOKENS: list[str] = _NAMED_SPECIALS + [
 # A long run starts where the previous character is of the other class (lookbehind), so the regex
 # scans each run once instead of retrying from every position inside it.
 _LONG_RUN_RE = re.compile(rf"(?<!\S)\S{{{MAX_RUN_CHARS + 1},}}|(?<!\s)\s{{{MAX_RUN_CHARS + 1},}}")
+_SPACE_RE = re.compile(r"\s")
+_NON_SPACE_RE = re.compile(r"\S")
+
+
+def _may_have_long_run(text: str) -> bool:
+    """False only if `text` has no run of more than MAX_RUN_CHARS spaces or non-spaces.
+
+    A run that long covers a multiple of MAX_RUN_CHARS, so probing those positions and looking
+    just around each is enough. The full regex scan costs about 50 ns a character (0.7 s of the
+    4.4 s that preparing the stdlib corpus took in one process); this costs a few probes.
+    """
+    for p in range(MAX_RUN_CHARS, len(text), MAX_RUN_CHARS):
+        other = _NON_SPACE_RE if text[p].isspace() else _SPACE_RE
+        m = other.search(text, p)
+        end = m.start() if m else len(text)  # the run holding p ends here
+        start = end - MAX_RUN_CHARS - 1
+        if start >= 0 and other.search(text, start, end) is None:
+            return True
+    return False
 
 
 def default_tokenizer_path() -> Path:
@@ -127,7 +145,7 @@ def _parse_ranks(data: bytes, path: Path) -> dict[bytes, int]:
                 "pass a tiktoken/Meta tokenizer.model file"
             )
         try:
-            token = base64.b64decode(parts[0], validate=True)
+            token = binascii.a2b_base64(parts[0], strict_mode=True)  # b64decode(validate=True), 2x faster
             rank = int(parts[1])
         except (binascii.Error, ValueError):
             raise DataError(
@@ -165,7 +183,7 @@ def split_for_encoding(text: str) -> list[str]:
         return [text]
     pieces: list[str] = []
     pos = 0
-    for m in _LONG_RUN_RE.finditer(text):
+    for m in _LONG_RUN_RE.finditer(text) if _may_have_long_run(text) else ():
         a, b = m.span()
         prev = pos
         for cut in _cut_points(text, pos, a):

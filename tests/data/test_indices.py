@@ -23,15 +23,19 @@ def test_sample_idx_known_case():
     assert indices.build_sample_idx_py(np.array([2, 2]), 2).tolist() == [[0, 0], [1, 0], [2, 0]]
 
 
+def random_sizes(rng: np.random.Generator, min_n: int = 0) -> tuple[np.ndarray, int]:
+    """Segment sizes with about 20% empty segments, and a seq_len."""
+    n = int(rng.integers(min_n, 60))
+    return rng.integers(0, 30, size=n) * (rng.random(n) > 0.2), int(rng.integers(1, 40))
+
+
 @needs_cpp
 def test_cpp_matches_python_on_random_inputs():
     from llama3hp import _C
 
     rng = np.random.default_rng(0)
     for trial in range(200):
-        n = int(rng.integers(0, 60))
-        sizes = rng.integers(0, 30, size=n) * (rng.random(n) > 0.2)
-        T = int(rng.integers(1, 40))
+        sizes, T = random_sizes(rng)
         assert np.array_equal(_C.build_sample_idx(sizes, T), indices.build_sample_idx_py(sizes, T)), trial
         d = int(rng.integers(1, 6))
         w = rng.random(d) + 1e-3
@@ -46,6 +50,28 @@ def test_cpp_matches_python_on_random_inputs():
     w = np.full(3, 1 / 3)
     assert _C.build_blending_indices(w, np.zeros(3, np.int64), 6)[0].tolist() == [0, 1, 2, 0, 1, 2]
     assert indices.build_blending_indices_py(w, np.zeros(3), 6)[0].tolist() == [0, 1, 2, 0, 1, 2]
+
+
+@needs_cpp
+def test_cpp_gathers_a_shuffled_order_like_numpy():
+    """sizes[doc_idx[k]] inside the loop gives the rows of gathering first, for int32 and int64 inputs."""
+    rng = np.random.default_rng(1)
+    for trial in range(100):
+        sizes, T = random_sizes(rng, min_n=1)
+        n = sizes.size
+        doc_idx = rng.permutation(n) if trial % 2 else rng.integers(0, n, size=int(rng.integers(0, 80)))
+        want = indices.build_sample_idx_py(sizes[doc_idx], T)
+        for sd in (np.int32, np.int64, np.uint32):
+            for dd in (np.int32, np.int64):
+                got = indices.build_sample_idx(sizes.astype(sd), T, doc_idx.astype(dd))
+                assert got.dtype == np.int64 and np.array_equal(got, want), (trial, sd, dd)
+        assert np.array_equal(indices.build_sample_idx_py(sizes, T, doc_idx), want)
+    with pytest.raises(DataError, match=r"doc_idx\[1\] = 5 is out of range \[0, 3\)"):
+        indices.build_sample_idx(np.array([1, 2, 3]), 2, np.array([0, 5]))
+    with pytest.raises(DataError, match=r"outside \[0, 3\)"):
+        indices.build_sample_idx_py(np.array([1, 2, 3]), 2, np.array([0, 5]))
+    with pytest.raises(DataError, match="is negative"):
+        indices.build_sample_idx(np.array([1, -2, 3], np.int32), 2, np.array([2, 1], np.int32))
 
 
 @needs_cpp

@@ -33,15 +33,16 @@ def make_corpus(root: Path) -> list[str]:
         {"text": ""},
     ]
     (root / "docs.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
-    texts = [files["a.txt"], files["b.py"], files["sub/c.md"], files["sub/deep/d.rst"]]
-    return texts + [x["text"] for x in lines if x["text"]]
+    # Directories are walked in sorted path order, .jsonl files included.
+    jsonl = [x["text"] for x in lines if x["text"]]
+    return [files["a.txt"], files["b.py"], *jsonl, files["sub/c.md"], files["sub/deep/d.rst"]]
 
 
 def test_prepare_round_trips_documents(tmp_path, tok: Tokenizer):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     expected = make_corpus(corpus)
-    m = prepare([corpus, corpus / "docs.jsonl"], tmp_path / "out", shard_tokens=64)
+    m = prepare([corpus], tmp_path / "out", shard_tokens=64)
     assert m["n_docs"] == len(expected) and m["skipped_empty_docs"] == 2
     assert (
         len(m["shards"]) > 1
@@ -51,10 +52,10 @@ def test_prepare_round_trips_documents(tmp_path, tok: Tokenizer):
     assert [Path(i["path"]).name for i in m["inputs"]] == [
         "a.txt",
         "b.py",
+        "docs.jsonl",
         "empty.md",
         "c.md",
         "d.rst",
-        "docs.jsonl",
     ]
     assert all(len(i["sha256"]) == 64 for i in m["inputs"])
     ds = TokenDataset(tmp_path / "out", tokenizer_sha256=tok.sha256, verify=True)
@@ -72,9 +73,9 @@ def test_prepare_is_deterministic_across_runs_and_workers(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     make_corpus(corpus)
-    prepare([corpus, corpus / "docs.jsonl"], tmp_path / "one", workers=1, shard_tokens=100)
-    prepare([corpus, corpus / "docs.jsonl"], tmp_path / "two", workers=2, shard_tokens=100)
-    prepare([corpus, corpus / "docs.jsonl"], tmp_path / "two", workers=2, shard_tokens=100, overwrite=True)
+    prepare([corpus], tmp_path / "one", workers=1, shard_tokens=100)
+    prepare([corpus], tmp_path / "two", workers=2, shard_tokens=100)
+    prepare([corpus], tmp_path / "two", workers=2, shard_tokens=100, overwrite=True)
     names = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "two").iterdir())
     for name in names:
@@ -85,7 +86,7 @@ def test_loader_on_prepared_data_covers_epoch(tmp_path, tok: Tokenizer):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     make_corpus(corpus)
-    prepare([corpus, corpus / "docs.jsonl"], tmp_path / "ds", shard_tokens=50)
+    prepare([corpus], tmp_path / "ds", shard_tokens=50)
     ds = TokenDataset(tmp_path / "ds")
     stream_counts = Counter(np.concatenate([ds.doc_tokens(d) for d in range(ds.n_docs)]).tolist())
     T = 24

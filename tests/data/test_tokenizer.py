@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import random
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -99,3 +102,24 @@ def test_chat_format_tokens_and_masks(tok: Tokenizer):
     assert tok.decode([t for t, m in zip(tokens, mask) if m == C]) == "Be brief.Hi"
     # Formatting = bos + per message (start, role, end, "\n\n", eot).
     assert mask.count(F) == 1 + 3 * 5
+
+
+def test_long_run_probe_agrees_with_the_regex():
+    """The probe that skips the full regex scan says True exactly when a run is too long."""
+    from llama3hp.data.tokenizer import _LONG_RUN_RE, _may_have_long_run
+
+    rng = random.Random(0)
+    M = MAX_RUN_CHARS
+    for trial in range(200):
+        parts = []
+        for k in range(rng.randint(1, 10)):
+            n = rng.choice([1, 7, M - 1, M, M + 1, 2 * M + 3, rng.randint(1, 3 * M)])
+            parts.append(("w" if k % 2 == 0 else rng.choice([" ", "\n", "\u3000"])) * n)
+        text = "".join(parts)
+        assert _may_have_long_run(text) == (_LONG_RUN_RE.search(text) is not None), trial
+
+
+def test_import_data_does_not_import_torch():
+    code = "import sys, llama3hp.data; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
