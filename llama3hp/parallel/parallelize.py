@@ -163,7 +163,7 @@ class ParallelModel:
             with autocast_context(self.amp_dtype, dev):
                 out = self.chunks[c](
                     b.inputs if x is None else x, cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen,
-                    positions=b.positions,
+                    positions=b.positions, doc_prefix=b.doc_prefix,
                 )  # fmt: skip
                 if self.chunks[c].output is None:  # not the last virtual stage: hidden states on
                     return out

@@ -140,8 +140,9 @@ class LocalModel:
         for b in batches:
             with autocast_context(self.amp_dtype, device):
                 out = self.model(
-                    b.inputs, cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen, positions=b.positions
-                )
+                    b.inputs, cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen, positions=b.positions,
+                    doc_prefix=b.doc_prefix,
+                )  # fmt: skip
                 result = objective(out, b)
             (result.loss_sum / count).backward()
             totals.add(result)
