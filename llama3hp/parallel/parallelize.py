@@ -37,7 +37,13 @@ from llama3hp.parallel.ac import apply_ac
 from llama3hp.parallel.comm import all_gather_dim, all_reduce
 from llama3hp.parallel.context import CPComm, shard_batch
 from llama3hp.parallel.mesh import DeviceMesh4D, ParallelConfig, validate_layout
-from llama3hp.parallel.pipeline import PipelineExecutor, build_schedule, partition_layers, simulate
+from llama3hp.parallel.pipeline import (
+    PipelineExecutor,
+    build_schedule,
+    forward_schedule,
+    partition_layers,
+    simulate,
+)
 from llama3hp.parallel.step_model import (
     LocalModel,
     StepModel,
@@ -144,9 +150,17 @@ class ParallelModel:
         schedule; gradients end reduced (and sharded) for the optimizer. Each micro-batch's loss sum
         is divided by the step's global count (over the DP ranks), so the gradient is that of the
         global mean. Returns the same StepStats on every rank."""
-        objective = objective or NextTokenLoss()
+        return self._run(batches, objective or NextTokenLoss(), train=True)
+
+    def evaluate(self, batches: list[Batch], objective: Objective) -> StepStats:
+        """Forward only, without gradients: every micro-batch through the stages in order (each stage
+        forwards micro-batch i once its input arrived; no backward, so no bubble to hide)."""
+        with torch.no_grad():
+            return self._run(batches, objective, train=False)
+
+    def _run(self, batches: list[Batch], objective: Objective, train: bool) -> StepStats:
         m = len(batches)
-        if self.cfg.pp_schedule == "interleaved" or self.mesh.dims.pp > 1:
+        if train and (self.cfg.pp_schedule == "interleaved" or self.mesh.dims.pp > 1):
             check_schedule(self.cfg.pp_schedule, self.mesh.dims.pp, self.virtual, m)
         dev = batches[0].inputs.device
         count = torch.stack([objective.count(b) for b in batches]).sum()
@@ -156,7 +170,8 @@ class ParallelModel:
             shard_batch(b, self.cp.size, self.cp.rank, doc_positions=self.args.doc_positions) for b in batches
         ]
         totals = StepTotals(dev)
-        self.dp.begin_step(m)
+        if train:
+            self.dp.begin_step(m)
 
         def forward(mb: int, c: int, x: torch.Tensor | None) -> torch.Tensor:
             b = local[mb]
@@ -175,9 +190,13 @@ class ParallelModel:
         sp = self.tp.size > 1 and self.cfg.sequence_parallel
         act_shape = (B, Tl // self.tp.size if sp else Tl, self.args.dim)
         act_dtype = next(iter(self.chunks[0].parameters())).dtype
-        actions = build_schedule(self.cfg.pp_schedule, self.mesh.dims.pp, self.virtual, m, self.mesh.pp_rank)
+        if train:
+            actions = build_schedule(self.cfg.pp_schedule, self.mesh.dims.pp, self.virtual, m, self.mesh.pp_rank)
+        else:
+            actions = forward_schedule(self.virtual, m)
         self.executor.run(actions, forward, act_shape, act_dtype, dev)
-        self.dp.finish_grad_sync()
+        if train:
+            self.dp.finish_grad_sync()
         # The sums live on the last stage, over this rank's CP tokens and DP rows.
         reduced = [totals.loss, *totals.stats.values()]
         flat = torch.stack(reduced) if len(reduced) > 1 else reduced[0].view(1)
