@@ -1,4 +1,4 @@
-"""`llama3hp` command line: train, prepare, curate, info, export, import, average, plan.
+"""`llama3hp` command line: train, prepare, curate, evaluate, info, export, import, average, plan.
 
 Every user error (`llama3hp.errors.UserError`: a bad config, data file, checkpoint or command line)
 prints ONE line `error: ...` on stderr and exits with code 2. Anything else is a bug: it keeps its
@@ -64,11 +64,25 @@ def _cmd_train(a: argparse.Namespace) -> int:
 def _cmd_prepare(a: argparse.Namespace) -> int:
     from llama3hp.data import default_corpus_files, prepare
 
+    if a.demo:
+        from llama3hp.data.demo import build_demo
+
+        if a.inputs:
+            raise UsageError("prepare: --demo builds its rows from the stdlib; give no inputs with it")
+        ms = build_demo(a.demo, a.out, workers=a.workers, overwrite=a.overwrite)
+        for name, m in ms.items():
+            print(f"{a.out}/{name}: {m['n_docs']:,} {a.demo} examples, {m['n_tokens']:,} tokens")
+        return 0
+    if a.format != "text" and not a.inputs:
+        raise UsageError(f"prepare: --format {a.format} reads JSONL rows: give the .jsonl files (or --demo {a.format})")
     inputs = [Path(p) for p in a.inputs] if a.inputs else default_corpus_files()
     missing = [str(p) for p in inputs if not p.exists()]
     if missing:
         raise UsageError(f"prepare: input not found: {missing[0]}")
-    manifest = prepare(inputs, a.out, tokenizer_path=a.tokenizer, text_field=a.text_field, workers=a.workers)
+    manifest = prepare(
+        inputs, a.out, tokenizer_path=a.tokenizer, text_field=a.text_field, workers=a.workers, format=a.format,
+        overwrite=a.overwrite,
+    )  # fmt: skip
     print(
         f"prepared {len(inputs)} input(s) into {a.out}: {manifest['n_docs']:,} documents, {manifest['n_tokens']:,} tokens"
     )
@@ -85,6 +99,25 @@ def _cmd_curate(a: argparse.Namespace) -> int:
     cfg = load_config(a.config, overrides + ([f"workers={a.workers}"] if a.workers is not None else []))
     report = curate(inputs, a.out, cfg, overwrite=a.overwrite, progress=sys.stderr.isatty())
     print(format_report(report) + f"\nwrote {a.out}/shard_*.jsonl, report.json and removed.ndjson")
+    return 0
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    from llama3hp.config import load_job_config
+    from llama3hp.parallel import build_parallel_context
+    from llama3hp.posttrain.evaluate import evaluate_checkpoint
+
+    job = load_job_config(a.config, a.overrides)
+    ctx = build_parallel_context(job.parallel)
+    try:
+        result = evaluate_checkpoint(job, a.checkpoint, ctx)
+    finally:
+        ctx.close()
+    if ctx.is_leader:
+        text = json.dumps(result, indent=1)
+        print(text)
+        if a.out:
+            Path(a.out).write_text(text + "\n")
     return 0
 
 
@@ -207,7 +240,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--text-field", default="text", help="JSONL field holding the text")
     pr.add_argument("--workers", type=int, default=2, help="tokenizer processes")
+    pr.add_argument(
+        "--format", default="text", choices=["text", "sft", "preference"],
+        help="text documents, or JSONL chat rows: SFT conversations or preference pairs",
+    )  # fmt: skip
+    pr.add_argument(
+        "--demo", choices=["sft", "preference"], default=None,
+        help="build the stdlib demo set (functions from signature and docstring): OUT/train and OUT/heldout",
+    )  # fmt: skip
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     pr.set_defaults(fn=_cmd_prepare)
+
+    ev = sub.add_parser(
+        "evaluate", help="held-out metrics of a checkpoint (SFT response loss, DPO accuracy and margin)",
+        description="Forward passes over posttrain.eval_datasets; prints JSON.",
+    )  # fmt: skip
+    ev.add_argument("--config", required=True, help="built-in config name or a TOML file")
+    ev.add_argument("--checkpoint", default=None, help="checkpoint to evaluate (default: training.init_from)")
+    ev.add_argument("--out", default=None, help="also write the JSON here")
+    ev.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    ev.set_defaults(fn=_cmd_evaluate)
 
     cu = sub.add_parser(
         "curate",

@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from llama3hp.data.errors import DataError
 
@@ -26,6 +27,7 @@ __all__ = [
     "jsonl_blocks",
     "read_text_file",
     "read_jsonl_records",
+    "read_jsonl_objects",
     "read_task",
 ]
 
@@ -172,6 +174,26 @@ def read_jsonl_records(task: Task, text_field: str = "text", *, metadata: bool =
         else:
             records.append(Record(text, ""))
     return records
+
+
+def read_jsonl_objects(task: Task) -> list[tuple[str, Any]]:
+    """(where, object) of every non-blank line of a JSONL task; `where` is "path line N"."""
+    try:
+        with open(task.path, "rb") as f:
+            f.seek(task.offset)
+            data = f.read(task.length)
+    except OSError as e:
+        raise DataError(f"cannot read input file {task.path}: {e.strerror}") from None
+    out = []
+    for i, line in enumerate(data.split(b"\n")):
+        if not line.strip():
+            continue
+        where = f"{task.path} line {task.first_line + i}"
+        try:
+            out.append((where, json.loads(line)))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise DataError(f"{where} is not valid JSON; fix or remove that line") from None
+    return out
 
 
 def read_task(task: Task, text_field: str = "text", *, metadata: bool = False) -> Iterator[Record]:

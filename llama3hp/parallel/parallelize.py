@@ -143,6 +143,7 @@ class ParallelModel:
             backward_prefetch=cfg.zero3_backward_prefetch, gather_dtype=getattr(torch, cfg.zero3_gather_dtype),
         )  # fmt: skip
         self.executor = PipelineExecutor(mesh.pp_group, mesh.pp_ranks, mesh.pp_rank, self.virtual)
+        self._stat_names: dict[type, list[str]] = {}  # per objective type, told by the last stage
 
     # ------------------------------------------------------------------ the step
     def forward_backward(self, batches: list[Batch], objective: Objective | None = None) -> StepStats:
@@ -197,13 +198,22 @@ class ParallelModel:
         self.executor.run(actions, forward, act_shape, act_dtype, dev)
         if train:
             self.dp.finish_grad_sync()
-        # The sums live on the last stage, over this rank's CP tokens and DP rows.
-        reduced = [totals.loss, *totals.stats.values()]
-        flat = torch.stack(reduced) if len(reduced) > 1 else reduced[0].view(1)
+        # The sums live on the last stage, over this rank's CP tokens and DP rows. Only the last stage
+        # ran the objective, so it tells the others which stats to reduce (an objective's stats, DPO's
+        # rewards and accuracy, are its own; pre-training's has none and skips this).
+        names = sorted(totals.stats)
+        if self.mesh.dims.pp > 1:  # once per objective type: its stats' names do not change
+            if type(objective) not in self._stat_names:
+                box: list[Any] = [names]
+                dist.broadcast_object_list(box, group=self.mesh.pp_group, group_src=self.mesh.dims.pp - 1)
+                self._stat_names[type(objective)] = box[0]
+            names = self._stat_names[type(objective)]
+        zero = torch.zeros((), dtype=torch.float32, device=dev)
+        flat = torch.stack([totals.loss, *(totals.stats.get(n, zero) for n in names)])
         all_reduce(flat, self.mesh.dp_cp_group)
         all_reduce(flat, self.mesh.pp_group)
         totals.loss = flat[0]
-        totals.stats = dict(zip(totals.stats, flat[1:]))
+        totals.stats = dict(zip(names, flat[1:]))
         return totals.result(count)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:

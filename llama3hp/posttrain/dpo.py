@@ -94,7 +94,8 @@ def pair_logprobs(out: HeadOutput, batch: Batch, mask_format_tokens: bool) -> tu
 class DPOLoss:
     """The paper's DPO as an objective: the sum over the batch's pairs of `dpo_loss`, averaged over
     the step's pairs. Stats (per pair): dpo and nll parts, rewards of chosen and rejected, their
-    margin, and the accuracy (margin > 0)."""
+    margin, the accuracy (margin > 0), the policy's log-probabilities and its own per-token
+    preference (`logps/accuracy`)."""
 
     beta: float = PAPER_BETA
     alpha: float = PAPER_ALPHA
@@ -108,13 +109,16 @@ class DPOLoss:
     def __call__(self, out: HeadOutput, batch: Batch) -> ObjectiveOutput:
         if batch.ref_logps is None:
             raise ValueError("DPO batches need the reference's log-probabilities (Batch.ref_logps): see posttrain.reference")
-        pc, pr, nc, _ = pair_logprobs(out, batch, self.mask_format_tokens)
+        pc, pr, nc, nr = pair_logprobs(out, batch, self.mask_format_tokens)
         ref = batch.ref_logps.to(device=pc.device, dtype=torch.float32)
         t = dpo_loss(pc, pr, ref[:, 0], ref[:, 1], nc, beta=self.beta, alpha=self.alpha)
         owned = out.owned_documents(batch)[batch.pairs[:, 0]].to(torch.float32)
         stats = {
             "dpo": t.dpo, "nll": t.nll, "rewards/chosen": t.chosen_reward, "rewards/rejected": t.rejected_reward,
             "rewards/margin": t.margin, "rewards/accuracy": (t.margin > 0).to(torch.float32),
+            "logps/chosen": pc, "logps/rejected": pr,
+            # The model's own preference, per token so that length does not decide it.
+            "logps/accuracy": (pc / nc.clamp(min=1) > pr / nr.clamp(min=1)).to(torch.float32),
         }  # fmt: skip
         return ObjectiveOutput(
             (t.loss * owned).sum(), owned.sum(), {k: (v.detach() * owned).sum() for k, v in stats.items()}

@@ -30,7 +30,7 @@ from llama3hp.train import build
 from llama3hp.train import checkpoint as ckpt
 from llama3hp.train.checkpointer import Checkpointer
 from llama3hp.train.metrics import MetricsProcessor, doc_lengths
-from llama3hp.train.objectives import NextTokenLoss
+from llama3hp.posttrain.build import build_objective, build_reference
 from llama3hp.train.profiler import ProfileWindow
 from llama3hp.train.schedules import LRSchedule, batch_rows_at, check_table, lr_at, plan_tokens, seq_len_at
 
@@ -160,7 +160,9 @@ class Trainer:
         self.model = build.build_model(job, self.device, self.ctx, self.amp_dtype)
         self.fp8_fqns = self.model.fp8_linear_names() if job.fp8.enabled else []
         self.optimizer = build.build_optimizer(self.model, t, self.device)
-        self.objective = NextTokenLoss(z_loss_scale=t.z_loss_scale)
+        # [posttrain]: next-token (pre-training), SFT or DPO, and DPO's frozen reference.
+        self.objective = build_objective(job, self.loader)
+        self.reference = build_reference(job, self.loader, self.ctx, self.device, self.amp_dtype)
         self.schedule = LRSchedule(
             lr=t.lr,
             total_steps=t.steps,
@@ -226,6 +228,8 @@ class Trainer:
         seq_len = seq_len_at(t.seq_len_stages, self.tokens_seen, t.seq_len)
         accum = t.grad_accum_steps(rows, self.ctx.dp_size)
         batches = [self.loader.next_batch(t.micro_batch_rows, seq_len).to(self.device) for _ in range(accum)]
+        if self.reference is not None:  # DPO: the reference's log-probabilities of each pair
+            self.reference.annotate(batches)
 
         result = self.model.forward_backward(batches, self.objective)
         grad_norm = self.model.clip_grad_norm_(t.grad_clip)
