@@ -218,6 +218,15 @@ def scenarios(quick: bool) -> list[tuple[str, Callable[[], None]]]:
 
         return go
 
+    def logprobs(vocab):
+        def go():
+            h, w = leaf(300, 512), leaf(vocab, 512)
+            t = torch.randint(0, vocab, (300,))
+            t[:100] = -100
+            K.linear_logprobs(h, w, t, chunk_size=128, backend="triton").sum().backward()
+
+        return go
+
     def attention(d, hq, hk, deterministic, dtype=bf16, prefix=False):
         def go():
             T = 256
@@ -273,6 +282,7 @@ def scenarios(quick: bool) -> list[tuple[str, Callable[[], None]]]:
         ("swiglu 14336", swiglu(14336)),
         ("swiglu packed 14336 (model)", swiglu(14336, packed=True)),
         ("fused linear CE vocab 128256", cross_entropy(128256, 0.0)),
+        ("fused log-probs vocab 128256", logprobs(128256)),
         ("attention hd128 GQA 4", attention(128, 8, 2, False)),
         ("attention hd128 GQA 4, deterministic", attention(128, 8, 2, True)),
         ("attention hd128 GQA 4, shared prefix, deterministic", attention(128, 8, 2, True, prefix=True)),
