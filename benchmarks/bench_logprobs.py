@@ -85,7 +85,9 @@ def _eager(inp, shape, compile_ref=False):
 
 def _liger(inp, shape, compile_liger=True):
     loss_cls = import_or_unavailable("liger_kernel.chunked_loss", "LigerFusedLinearDPOLoss")
-    loss_fn = loss_cls(beta=0.1, alpha=0.2, compute_nll_loss=True, use_ref_model=False, compiled=compile_liger)
+    loss_fn = loss_cls(
+        beta=0.1, alpha=0.2, compute_nll_loss=True, use_ref_model=False, compiled=compile_liger
+    )
     t = shape["seq"]
     h = inp["hidden"].view(-1, t, inp["hidden"].shape[-1])
     y = inp["targets"].view(-1, t)
@@ -173,7 +175,9 @@ def run_cpu(out_dir: Path | None, reps: int) -> Path:
             print(rows[-1], flush=True)
     env = environment(["torch", "liger-kernel"])
     rows = [{"bench": "logprobs_cpu", **r, **env} for r in rows]
-    lines = header("DPO loss from hidden states on CPU: chunked log-probabilities vs materialised vs Liger", env)
+    lines = header(
+        "DPO loss from hidden states on CPU: chunked log-probabilities vs materialised vs Liger", env
+    )
     lines += ["| tokens | provider | fwd+bwd s | peak RSS above inputs MiB | vs materialised | loss |",
               "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for shape in CPU_SHAPES:

@@ -15,7 +15,6 @@ from llama3hp.kernels.attention import (
 from llama3hp.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 from llama3hp.kernels.dispatch import BACKENDS, check_backend, triton_available, use_triton
 from llama3hp.kernels.fp8_gemm import fp8_gemm_rowwise, fp8_gemm_rowwise_ref, scaled_mm_rowwise
-from llama3hp.kernels.logprobs import linear_logprobs, linear_logprobs_ref, sequence_sums
 from llama3hp.kernels.fp8_quant import (
     dequantize_rowwise,
     fp8_cast_transpose,
@@ -24,6 +23,7 @@ from llama3hp.kernels.fp8_quant import (
     fp8_quantize_rowwise_ref,
     fp8_scale_ref,
 )
+from llama3hp.kernels.logprobs import linear_logprobs, linear_logprobs_ref, sequence_sums
 from llama3hp.kernels.rmsnorm import rms_norm, rms_norm_ref, rms_norm_residual, rms_norm_residual_ref
 from llama3hp.kernels.rope import apply_rope, apply_rope_ref
 from llama3hp.kernels.swiglu import swiglu, swiglu_packed, swiglu_packed_ref, swiglu_ref

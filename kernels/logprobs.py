@@ -101,22 +101,30 @@ def _block_v(v: int) -> tuple[int, int]:
     return block, 4 if block <= 2048 else 8 if block <= 8192 else 16
 
 
-def _chunk_stats(logits: torch.Tensor, local_t: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_stats(
+    logits: torch.Tensor, local_t: torch.Tensor, fused: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(logsumexp fp32 [C], target logit fp32 [C], 0 off the shard) of a chunk of logits [C, V]."""
     C, V = logits.shape
     on_shard = (local_t >= 0) & (local_t < V)
     if not fused:
         x = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        return torch.logsumexp(x, dim=-1), torch.where(on_shard, x.gather(1, local_t.clamp(0, V - 1)[:, None])[:, 0], 0.0)
+        return torch.logsumexp(x, dim=-1), torch.where(
+            on_shard, x.gather(1, local_t.clamp(0, V - 1)[:, None])[:, 0], 0.0
+        )
     lse = torch.empty(C, dtype=torch.float32, device=logits.device)
     t_logit = torch.empty_like(lse)
     if C:
         block, warps = _block_v(V)
-        _logprob_fwd_kernel[(C,)](logits, logits.stride(0), local_t, lse, t_logit, V, BLOCK_V=block, num_warps=warps)
+        _logprob_fwd_kernel[(C,)](
+            logits, logits.stride(0), local_t, lse, t_logit, V, BLOCK_V=block, num_warps=warps
+        )
     return lse, t_logit
 
 
-def _chunk_grad_(logits: torch.Tensor, local_t: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, fused: bool):
+def _chunk_grad_(
+    logits: torch.Tensor, local_t: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, fused: bool
+):
     """dlogits [C, V] = g * (onehot(t) - softmax) in logits' dtype; in place when fused."""
     C, V = logits.shape
     if not fused:
@@ -126,7 +134,9 @@ def _chunk_grad_(logits: torch.Tensor, local_t: torch.Tensor, lse: torch.Tensor,
         return (d * g[:, None]).to(logits.dtype)
     if C:
         block, warps = _block_v(V)
-        _logprob_bwd_kernel[(C,)](logits, logits.stride(0), local_t, lse, g, V, BLOCK_V=block, num_warps=warps)
+        _logprob_bwd_kernel[(C,)](
+            logits, logits.stride(0), local_t, lse, g, V, BLOCK_V=block, num_warps=warps
+        )
     return logits
 
 
@@ -232,7 +242,12 @@ def linear_logprobs(
     vocab_start + V_l) with `group` the TP group; targets [N] int. chunk_size: rows per chunk
     (default: as many as keep one chunk's fp32 logits within chunk_bytes)."""
     check_backend(backend)
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or targets.shape != hidden.shape[:1]:
+    if (
+        hidden.dim() != 2
+        or weight.dim() != 2
+        or hidden.shape[1] != weight.shape[1]
+        or targets.shape != hidden.shape[:1]
+    ):
         raise ValueError(
             f"expected hidden [N, D], weight [V, D] and targets [N], got {tuple(hidden.shape)}, "
             f"{tuple(weight.shape)}, {tuple(targets.shape)}"
@@ -245,7 +260,9 @@ def linear_logprobs(
     if group is None and not targets.is_cuda:  # a host check is free here; on CUDA it would sync
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
         if bool(bad.any()):
-            raise ValueError(f"targets must lie in [0, {weight.shape[0]}) or equal ignore_index, got {targets[bad][0]}")
+            raise ValueError(
+                f"targets must lie in [0, {weight.shape[0]}) or equal ignore_index, got {targets[bad][0]}"
+            )
     mm_dtype = matmul_dtype(hidden)
     rows = chunk_size or chunk_rows(hidden.shape[0], weight.shape[0], 4, chunk_bytes)
     out = LinearLogprobsFunction.apply(

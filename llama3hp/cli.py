@@ -74,7 +74,9 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
             print(f"{a.out}/{name}: {m['n_docs']:,} {a.demo} examples, {m['n_tokens']:,} tokens")
         return 0
     if a.format != "text" and not a.inputs:
-        raise UsageError(f"prepare: --format {a.format} reads JSONL rows: give the .jsonl files (or --demo {a.format})")
+        raise UsageError(
+            f"prepare: --format {a.format} reads JSONL rows: give the .jsonl files (or --demo {a.format})"
+        )
     inputs = [Path(p) for p in a.inputs] if a.inputs else default_corpus_files()
     missing = [str(p) for p in inputs if not p.exists()]
     if missing:

@@ -58,14 +58,20 @@ def _messages(value: Any, field: str, where: str) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: '{field}' must be a non-empty list of messages")
     for i, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
             raise DataError(f"{where}: {field}[{i}] must be an object with string 'role' and 'content'")
         if m["role"] not in ROLES:
             raise DataError(f"{where}: {field}[{i}] has role '{m['role']}'; use one of {', '.join(ROLES)}")
     return value
 
 
-def _check_order(messages: list[dict], field: str, where: str, *, ends: tuple[str, ...], after: str | None = None) -> None:
+def _check_order(
+    messages: list[dict], field: str, where: str, *, ends: tuple[str, ...], after: str | None = None
+) -> None:
     """system only first; user after system/assistant/start; assistant after user or a tool result;
     a tool result after the assistant; the last message's role in `ends`. `after`: the role before
     the first message (a response continues its prompt's user turn)."""
@@ -87,7 +93,9 @@ def _check_order(messages: list[dict], field: str, where: str, *, ends: tuple[st
         raise DataError(f"{where}: {field} ends with '{prev}', expected {' or '.join(ends)}")
 
 
-def _turn(chat: ChatFormat, message: dict, *, header: bool, header_role: int, where: str, field: str) -> Tokens:
+def _turn(
+    chat: ChatFormat, message: dict, *, header: bool, header_role: int, where: str, field: str
+) -> Tokens:
     """One message: [header] text <|eot_id|>. The assistant's text is RESPONSE and its <|eot_id|>
     FORMAT; another role's turn is all CONTEXT; the header gets `header_role`."""
     tok = chat.tokenizer

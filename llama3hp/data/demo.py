@@ -59,7 +59,11 @@ def _functions(path: Path, module: str) -> Iterator[Function]:
         src_lines = lines[node.lineno - 1 : node.end_lineno]
         source = textwrap.dedent("\n".join(src_lines))
         body_start = node.body[1].lineno - node.lineno
-        if len(src_lines) > MAX_LINES or len(source) > MAX_CHARS or len(src_lines) - body_start < MIN_BODY_LINES:
+        if (
+            len(src_lines) > MAX_LINES
+            or len(source) > MAX_CHARS
+            or len(src_lines) - body_start < MIN_BODY_LINES
+        ):
             continue
         head = source.splitlines()[: node.body[0].lineno - node.lineno]
         if not head or not head[-1].rstrip().endswith(":"):  # one-line signatures only
@@ -73,7 +77,7 @@ def stdlib_functions(root: Path | None = None) -> list[Function]:
     from llama3hp.data.prepare import default_corpus_files
 
     root = root or Path(sysconfig.get_paths()["stdlib"])
-    out = []
+    out: list[Function] = []
     for path in default_corpus_files():
         rel = path.relative_to(root).with_suffix("")
         if "test" in rel.parts or "idlelib" in rel.parts:  # tests and the IDE: repetitive, not library code
@@ -123,14 +127,18 @@ def demo_rows(kind: str, functions: Sequence[Function], seed: int = 0) -> tuple[
     return train, heldout
 
 
-def build_demo(kind: str, out_dir: str | os.PathLike, *, workers: int = 2, overwrite: bool = False) -> dict[str, Any]:
+def build_demo(
+    kind: str, out_dir: str | os.PathLike, *, workers: int = 2, overwrite: bool = False
+) -> dict[str, Any]:
     """Write the demo set of `kind` into out_dir ({train,heldout}.jsonl and the prepared datasets
     out_dir/train, out_dir/heldout); returns {"train": manifest, "heldout": manifest}."""
     from llama3hp.data.prepare import prepare
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise DataError(f"output directory {out} already exists and is not empty; pass --overwrite or pick another")
+        raise DataError(
+            f"output directory {out} already exists and is not empty; pass --overwrite or pick another"
+        )
     out.mkdir(parents=True, exist_ok=True)
     train, heldout = demo_rows(kind, stdlib_functions())
     if not train or not heldout:

@@ -228,12 +228,12 @@ class ExampleLoader:
             self.cursor -= 1
         return self._build(packed[self.dp_rank * rows : (self.dp_rank + 1) * rows], seq_len)
 
-    def epoch_batches(self, rows: int, seq_len: int) -> list[Batch]:
-        """Every example once, in dataset order, as this rank's batches of `rows` rows (the last global
-        rows padded with empty rows so every rank gets as many batches): for held-out evaluation and
-        the reference's pass. Leaves the training position untouched."""
+    def epoch_batches(self, rows: int, seq_len: int, limit: int | None = None) -> list[Batch]:
+        """Every example (the first `limit`) once, in dataset order, as this rank's batches of `rows`
+        rows (the last global rows padded with empty rows so every rank gets as many batches): for
+        held-out evaluation and the reference's pass. Leaves the training position untouched."""
         per_step = rows * self.dp_size
-        queue = deque(range(self.n_examples))
+        queue = deque(range(self.n_examples if limit is None else min(limit, self.n_examples)))
         last: list[int] = []
 
         def take() -> int | None:

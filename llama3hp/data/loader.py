@@ -436,7 +436,9 @@ def build_loader(
     datasets = [TokenDataset(s.path, tokenizer_sha256=expected, verify=cfg.verify_checksums) for s in specs]
     if any(ds.kind != "pretrain" for ds in datasets):
         if any(s.weight is not None for s in specs):
-            raise DataError("post-training datasets are read whole, in turn: drop the ':weight' of data.datasets")
+            raise DataError(
+                "post-training datasets are read whole, in turn: drop the ':weight' of data.datasets"
+            )
         return ExampleLoader(
             datasets, seed=cfg.seed, dp_rank=dp_rank, dp_size=dp_size, pack_pairs=cfg.pack_pairs,
             too_long=cfg.too_long,

@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from llama3hp.data.errors import DataError
 from llama3hp.data.chat import encode_preference, encode_sft
+from llama3hp.data.errors import DataError
 from llama3hp.data.readers import (
     DEFAULT_EXTENSIONS,
     Task,
@@ -160,7 +160,9 @@ def _run_task(task: Task) -> tuple:
     return (task.index, *_encode_task(tok, task, text_field))
 
 
-def _results(tasks: list[Task], tok: Tokenizer, text_field: str, workers: int, fmt: str = "text") -> Iterator[tuple]:
+def _results(
+    tasks: list[Task], tok: Tokenizer, text_field: str, workers: int, fmt: str = "text"
+) -> Iterator[tuple]:
     """Encoded tasks in task order, from `workers` processes.
 
     Processes, not threads: tiktoken 0.14 holds the GIL while it encodes (two threads measured no
@@ -172,7 +174,9 @@ def _results(tasks: list[Task], tok: Tokenizer, text_field: str, workers: int, f
         return
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     chunk = max(1, min(16, len(tasks) // (8 * workers)))
-    with mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(tok, text_field, fmt)) as pool:
+    with mp.get_context(method).Pool(
+        workers, initializer=_init_worker, initargs=(tok, text_field, fmt)
+    ) as pool:
         yield from pool.imap(_run_task, tasks, chunksize=chunk)
 
 

@@ -129,7 +129,9 @@ class ShardWriter:
                 f"document lengths sum to {int(doc_lens.sum())} but {tokens.size} tokens were given"
             )
         if (roles is None) != (self.kind == "pretrain") or (pairs is None) != (self.kind != "preference"):
-            raise ValueError(f"a {self.kind} dataset takes roles with sft/preference and pairs with preference")
+            raise ValueError(
+                f"a {self.kind} dataset takes roles with sft/preference and pairs with preference"
+            )
         pos, d = 0, 0
         while d < doc_lens.size:
             if self._file is None:
@@ -288,7 +290,9 @@ class TokenDataset:
         self.manifest = manifest
         self.kind: str = manifest.get("kind", "pretrain")
         if self.kind not in KINDS:
-            raise DataError(f"manifest {mpath} has kind {self.kind!r}, expected one of {', '.join(KINDS)}; re-run prepare")
+            raise DataError(
+                f"manifest {mpath} has kind {self.kind!r}, expected one of {', '.join(KINDS)}; re-run prepare"
+            )
         self._roles: list[np.memmap] = []
         pairs: list[np.ndarray] = []
         self.tokenizer_sha256: str = manifest["tokenizer"]["sha256"]
@@ -310,7 +314,9 @@ class TokenDataset:
             if self.kind != "pretrain":
                 files.append((self.path / shard["roles"], n_tok * ROLE_DTYPE.itemsize, "roles_sha256"))
             if self.kind == "preference":
-                files.append((self.path / shard["pairs"], n_doc * PAIR_COLUMNS * PAIR_DTYPE.itemsize, "pairs_sha256"))
+                files.append(
+                    (self.path / shard["pairs"], n_doc * PAIR_COLUMNS * PAIR_DTYPE.itemsize, "pairs_sha256")
+                )
             for p, want, _ in files:
                 if not p.is_file():
                     raise DataError(f"shard file {p} is missing; re-run prepare or restore the dataset")
@@ -367,7 +373,9 @@ class TokenDataset:
     def doc_roles(self, doc: int, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Roles uint8 [stop - start] of a post-training document's tokens (`llama3hp.data.chat`)."""
         if not self._roles:
-            raise DataError(f"dataset {self.path} is a {self.kind} dataset without token roles; prepare it with --format sft|preference")
+            raise DataError(
+                f"dataset {self.path} is a {self.kind} dataset without token roles; prepare it with --format sft|preference"
+            )
         base = int(self._doc_start[doc])
         stop = int(self.doc_lens[doc]) if stop is None else stop
         return self._roles[int(self._doc_shard[doc])][base + start : base + stop]

@@ -192,7 +192,9 @@ class ParallelModel:
         act_shape = (B, Tl // self.tp.size if sp else Tl, self.args.dim)
         act_dtype = next(iter(self.chunks[0].parameters())).dtype
         if train:
-            actions = build_schedule(self.cfg.pp_schedule, self.mesh.dims.pp, self.virtual, m, self.mesh.pp_rank)
+            actions = build_schedule(
+                self.cfg.pp_schedule, self.mesh.dims.pp, self.virtual, m, self.mesh.pp_rank
+            )
         else:
             actions = forward_schedule(self.virtual, m)
         self.executor.run(actions, forward, act_shape, act_dtype, dev)

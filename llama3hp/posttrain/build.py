@@ -61,7 +61,9 @@ def reference_checkpoint(job: JobConfig) -> str:
     return path
 
 
-def load_frozen(job: JobConfig, path: str, device: torch.device, ctx: ParallelContext, amp_dtype) -> StepModel:
+def load_frozen(
+    job: JobConfig, path: str, device: torch.device, ctx: ParallelContext, amp_dtype
+) -> StepModel:
     """A model built exactly as the policy (same layout) with the weights of checkpoint `path`; a
     checkpoint of another architecture or vocabulary is a one-line CheckpointError."""
     from llama3hp.train import build
@@ -108,7 +110,9 @@ def build_reference(
             print(f"computing the reference's log-probabilities of every pair into {file} (once)", flush=True)
         model = load_frozen(job, path, device, ctx, amp_dtype)
         batches = [b.to(device) for b in loader.epoch_batches(t.micro_batch_rows, t.seq_len)]
-        values = compute_values(model, batches, p.mask_format_tokens, holds_head=holds_head(ctx), group=ctx.group)
+        values = compute_values(
+            model, batches, p.mask_format_tokens, holds_head=holds_head(ctx), group=ctx.group
+        )
         if ctx.is_leader:
             write_values(Path(file), key, values)
         ctx.broadcast(None)  # every rank reads the file once rank 0 wrote it

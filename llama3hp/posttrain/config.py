@@ -31,10 +31,14 @@ class PostTrainConfig:
 
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
-            raise ConfigError(f"posttrain.objective must be one of {', '.join(OBJECTIVES)}, got '{self.objective}'")
+            raise ConfigError(
+                f"posttrain.objective must be one of {', '.join(OBJECTIVES)}, got '{self.objective}'"
+            )
         if self.reference_mode not in REFERENCE_MODES:
             raise ConfigError(
                 f"posttrain.reference_mode must be one of {', '.join(REFERENCE_MODES)}, got '{self.reference_mode}'"
             )
         if self.beta <= 0 or self.alpha < 0:
-            raise ConfigError(f"posttrain.beta must be > 0 and posttrain.alpha >= 0, got {self.beta}, {self.alpha}")
+            raise ConfigError(
+                f"posttrain.beta must be > 0 and posttrain.alpha >= 0, got {self.beta}, {self.alpha}"
+            )

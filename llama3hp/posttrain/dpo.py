@@ -72,7 +72,9 @@ def response_targets(batch: Batch, mask_format_tokens: bool) -> torch.Tensor:
     """The targets DPO sums log-probabilities over: the responses' (`loss_mask`), without the
     formatting tokens when mask_format_tokens; IGNORE_INDEX elsewhere (never reaches a GEMM)."""
     if batch.loss_mask is None or batch.pairs is None:
-        raise ValueError("DPO needs preference batches (loss_mask and pairs): prepare data with --format preference")
+        raise ValueError(
+            "DPO needs preference batches (loss_mask and pairs): prepare data with --format preference"
+        )
     keep = batch.loss_mask.bool()
     if mask_format_tokens and batch.format_mask is not None:
         keep = keep & ~batch.format_mask.bool()
@@ -86,6 +88,7 @@ def pair_logprobs(out: HeadOutput, batch: Batch, mask_format_tokens: bool) -> tu
     counted = (targets != IGNORE_INDEX).reshape(-1).to(torch.float32)
     sums = out.document_sums(logp, batch)
     counts = out.document_sums(counted, batch).detach()
+    assert batch.pairs is not None  # checked by response_targets
     c, r = batch.pairs[:, 0], batch.pairs[:, 1]
     return sums[c], sums[r], counts[c], counts[r]
 
@@ -108,10 +111,13 @@ class DPOLoss:
 
     def __call__(self, out: HeadOutput, batch: Batch) -> ObjectiveOutput:
         if batch.ref_logps is None:
-            raise ValueError("DPO batches need the reference's log-probabilities (Batch.ref_logps): see posttrain.reference")
+            raise ValueError(
+                "DPO batches need the reference's log-probabilities (Batch.ref_logps): see posttrain.reference"
+            )
         pc, pr, nc, nr = pair_logprobs(out, batch, self.mask_format_tokens)
         ref = batch.ref_logps.to(device=pc.device, dtype=torch.float32)
         t = dpo_loss(pc, pr, ref[:, 0], ref[:, 1], nc, beta=self.beta, alpha=self.alpha)
+        assert batch.pairs is not None  # checked by pair_logprobs
         owned = out.owned_documents(batch)[batch.pairs[:, 0]].to(torch.float32)
         stats = {
             "dpo": t.dpo, "nll": t.nll, "rewards/chosen": t.chosen_reward, "rewards/rejected": t.rejected_reward,

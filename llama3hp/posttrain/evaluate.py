@@ -12,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
+from llama3hp.data.examples import ExampleLoader
 from llama3hp.errors import ConfigError
 from llama3hp.parallel.distributed import ParallelContext
-from llama3hp.posttrain.build import build_objective, holds_head, load_frozen, reference_checkpoint
+from llama3hp.posttrain.build import build_objective, load_frozen, reference_checkpoint
 from llama3hp.posttrain.reference import CoResidentReference
 
 if TYPE_CHECKING:
@@ -28,7 +29,9 @@ def evaluate_checkpoint(job: JobConfig, checkpoint: str | None, ctx: ParallelCon
 
     p, t = job.posttrain, job.training
     if not p.eval_datasets:
-        raise ConfigError("posttrain.eval_datasets is empty: list the held-out prepared datasets to evaluate on")
+        raise ConfigError(
+            "posttrain.eval_datasets is empty: list the held-out prepared datasets to evaluate on"
+        )
     checkpoint = checkpoint or t.init_from
     if not checkpoint:
         raise ConfigError("evaluate needs a checkpoint: pass --checkpoint or set training.init_from")
@@ -36,6 +39,10 @@ def evaluate_checkpoint(job: JobConfig, checkpoint: str | None, ctx: ParallelCon
     amp = build.autocast_dtype(t.dtype, device)
     data = dataclasses.replace(job.data, datasets=list(p.eval_datasets))
     loader = build_loader(data, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
+    if not isinstance(loader, ExampleLoader):
+        raise ConfigError(
+            "posttrain.eval_datasets must be post-training data (prepared with --format sft|preference)"
+        )
     objective = build_objective(job, loader)
     batches = [b.to(device) for b in loader.epoch_batches(t.micro_batch_rows, t.seq_len)]
     if p.objective == "dpo":
@@ -47,5 +54,4 @@ def evaluate_checkpoint(job: JobConfig, checkpoint: str | None, ctx: ParallelCon
     name = "response_loss" if p.objective == "sft" else "loss"
     out = {"checkpoint": str(checkpoint), "examples": loader.n_examples, "count": stats.count.item(),
            name: stats.loss.item(), **{k: v.item() for k, v in stats.stats.items()}}  # fmt: skip
-    out["holds_head"] = holds_head(ctx)
     return out

@@ -36,15 +36,24 @@ def checkpoint_sha256(path: str | os.PathLike) -> str:
     """The reference checkpoint's identity: the SHA-256 of its manifest (which hashes every file)."""
     from llama3hp.train import checkpoint as ckpt
 
-    folder = ckpt.resolve_checkpoint(path)
+    folder = ckpt.resolve_checkpoint(Path(path))
     return hashlib.sha256((folder / ckpt.MANIFEST).read_bytes()).hexdigest()
 
 
 def data_sha256(datasets: Sequence[Any], *, seq_len: int, too_long: str, mask_format_tokens: bool) -> str:
     """The scored data's identity: every shard's SHA-256 and the settings that change which tokens of a
     pair are scored (row length and truncation, formatting tokens in or out)."""
-    shards = [[s["sha256"], s.get("roles_sha256"), s.get("pairs_sha256")] for ds in datasets for s in ds.manifest["shards"]]
-    key = {"shards": shards, "seq_len": seq_len, "too_long": too_long, "mask_format_tokens": mask_format_tokens}
+    shards = [
+        [s["sha256"], s.get("roles_sha256"), s.get("pairs_sha256")]
+        for ds in datasets
+        for s in ds.manifest["shards"]
+    ]
+    key = {
+        "shards": shards,
+        "seq_len": seq_len,
+        "too_long": too_long,
+        "mask_format_tokens": mask_format_tokens,
+    }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -72,9 +81,13 @@ class PrecomputedReference:
         try:
             data = json.loads(self.path.read_text())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"cannot read reference values {self.path}: {e}; delete it to recompute") from None
+            raise DataError(
+                f"cannot read reference values {self.path}: {e}; delete it to recompute"
+            ) from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise DataError(f"{self.path} is not a {FORMAT} file; delete it or point posttrain.reference_values elsewhere")
+            raise DataError(
+                f"{self.path} is not a {FORMAT} file; delete it or point posttrain.reference_values elsewhere"
+            )
         for name, want in (("tokenizer_sha256", key.tokenizer_sha256), ("checkpoint_sha256", key.checkpoint_sha256),
                            ("data_sha256", key.data_sha256)):  # fmt: skip
             if data.get(name) != want:
@@ -84,7 +97,9 @@ class PrecomputedReference:
                     f"this run: {want[:12]}...); recompute them (leave posttrain.reference_values empty)"
                 )
         ids = torch.tensor(data["sample_ids"], dtype=torch.int64)
-        self.table = torch.full((int(ids.max()) + 1 if ids.numel() else 0, 2), float("nan"), dtype=torch.float64)
+        self.table = torch.full(
+            (int(ids.max()) + 1 if ids.numel() else 0, 2), float("nan"), dtype=torch.float64
+        )
         self.table[ids] = torch.tensor([data["chosen"], data["rejected"]], dtype=torch.float64).T
 
     def lookup(self, pair_ids: torch.Tensor) -> torch.Tensor:

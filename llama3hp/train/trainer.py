@@ -26,11 +26,11 @@ import torch
 
 from llama3hp.errors import ConfigError
 from llama3hp.parallel.distributed import ParallelContext
+from llama3hp.posttrain.build import build_objective, build_reference
 from llama3hp.train import build
 from llama3hp.train import checkpoint as ckpt
 from llama3hp.train.checkpointer import Checkpointer
 from llama3hp.train.metrics import MetricsProcessor, doc_lengths
-from llama3hp.posttrain.build import build_objective, build_reference
 from llama3hp.train.profiler import ProfileWindow
 from llama3hp.train.schedules import LRSchedule, batch_rows_at, check_table, lr_at, plan_tokens, seq_len_at
 

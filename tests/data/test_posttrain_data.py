@@ -85,7 +85,9 @@ def test_prepare_preference_writes_roles_and_the_pair_index(pref_dataset):
 def test_version_1_datasets_still_load(tmp_path):
     from llama3hp.data import write_token_dataset
 
-    write_token_dataset([np.arange(5), np.arange(7)], tmp_path / "old", tokenizer_sha256="f" * 64, vocab_size=10)
+    write_token_dataset(
+        [np.arange(5), np.arange(7)], tmp_path / "old", tokenizer_sha256="f" * 64, vocab_size=10
+    )
     m = json.loads((tmp_path / "old/manifest.json").read_text())
     m["version"] = 1
     del m["kind"]

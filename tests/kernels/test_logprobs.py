@@ -112,12 +112,16 @@ def test_chunks_bound_the_logits_held():
     torch.Tensor.__matmul__ = spy
     try:
         h = hidden.requires_grad_()
-        LinearLogprobsFunction.apply(h, weight, targets, -100, 0, None, 7, False, torch.float32).sum().backward()
+        LinearLogprobsFunction.apply(
+            h, weight, targets, -100, 0, None, 7, False, torch.float32
+        ).sum().backward()
     finally:
         torch.Tensor.__matmul__ = mm
     logits = [s for s in seen if s[1] == 40]
     assert logits and max(s[0] for s in logits) <= 7
-    assert sum(s[0] for s in logits) == 2 * int((targets != -100).sum())  # forward + recompute, kept rows only
+    assert sum(s[0] for s in logits) == 2 * int(
+        (targets != -100).sum()
+    )  # forward + recompute, kept rows only
 
 
 def test_bad_inputs():

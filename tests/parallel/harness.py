@@ -95,7 +95,9 @@ def make_batches(
     return out
 
 
-def make_pair_batches(step: int, dp: int, micro: int, rows: int, T: int, vocab: int, shared: bool) -> list[list[Batch]]:
+def make_pair_batches(
+    step: int, dp: int, micro: int, rows: int, T: int, vocab: int, shared: bool
+) -> list[list[Batch]]:
     """Preference batches as the post-training loader packs them (`llama3hp.data.examples`): per row
     random pairs [prompt | chosen | rejected] (shared prompt) or [prompt chosen] [prompt rejected],
     responses ending in a formatting token, then padding; the same pairs whatever `shared` is."""
@@ -117,7 +119,9 @@ def make_pair_batches(step: int, dp: int, micro: int, rows: int, T: int, vocab: 
                     if used + need > T:
                         break
                     ids = [torch.randint(0, vocab, (n,), generator=g).numpy() for n in (P, C, R)]
-                    roles = [np.zeros(P, np.uint8)] + [np.array([1] * (n - 1) + [2], np.uint8) for n in (C, R)]
+                    roles = [np.zeros(P, np.uint8)] + [
+                        np.array([1] * (n - 1) + [2], np.uint8) for n in (C, R)
+                    ]
                     segs = pair_segments(ids[0], roles[0], ids[1], roles[1], ids[2], roles[2], shared)
                     row.append((segs, len(row) + 100 * len(mbs)))
                     used += need
@@ -247,7 +251,9 @@ def reference_run(
     losses, dpo_first = [], None
     for step in range(steps):
         batches = [
-            b for per_rank in batches_for(objective, step, dp, micro, rows, T, args.vocab_size) for b in per_rank
+            b
+            for per_rank in batches_for(objective, step, dp, micro, rows, T, args.vocab_size)
+            for b in per_rank
         ]
         n = sum(reference_count(b, objective) for b in batches)
         total, dpo_part = 0.0, 0.0
@@ -376,7 +382,9 @@ def compare_case(case: dict) -> dict | None:
     if got is None:
         return None
     dp = cfg.dp
-    ref_losses, ref_params, ref_dpo_first = reference_run(args, steps, dp, micro, rows, T, lr, fp8, amp, objective)
+    ref_losses, ref_params, ref_dpo_first = reference_run(
+        args, steps, dp, micro, rows, T, lr, fp8, amp, objective
+    )
     losses, params, init_mismatch, n_fp8, n_checkpointed, dpo_first = got
     fp8_effect = None
     if fp8 is not None:

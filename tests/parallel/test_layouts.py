@@ -172,7 +172,7 @@ def test_layout_matches_one_process(results, name):
     if name in AC_CASES:
         assert sum(r["n_checkpointed"] for _, r in _ranks(results, name)) > 0
     if name in DPO_CASES:  # policy = reference at step 0: every margin 0, the DPO part ln 2
-        for rank, r in _ranks(results, name):
+        for _, r in _ranks(results, name):
             assert abs(r["dpo_first"] - math.log(2)) < 1e-6 and abs(r["ref_dpo_first"] - math.log(2)) < 1e-6
 
 

@@ -46,7 +46,9 @@ def _pairs(shared: bool, seed=0, T=48):
             P, C, R = g.integers(3, 7, 3)
             ids = [g.integers(0, V, n) for n in (P, C, R)]
             roles = [np.zeros(P, np.uint8)] + [np.array([1] * (n - 1) + [2], np.uint8) for n in (C, R)]
-            row.append((pair_segments(ids[0], roles[0], ids[1], roles[1], ids[2], roles[2], shared), 10 * r + k))
+            row.append(
+                (pair_segments(ids[0], roles[0], ids[1], roles[1], ids[2], roles[2], shared), 10 * r + k)
+            )
         rows.append(row)
     return build_batch(rows, T, preference=True, shared_prompt=shared, pad_id=0)
 

@@ -74,14 +74,18 @@ def test_dpo_refuses_values_of_another_reference(data, sft_run, tmp_path):
     bad = tmp_path / "other.json"
     bad.write_text(json.dumps(other))
     with pytest.raises(DataError, match="computed for another checkpoint"):
-        train(_dpo(data, sft_run.last_checkpoint, f"posttrain.reference_values={bad}", f"run_dir={tmp_path}/r"))
+        train(
+            _dpo(data, sft_run.last_checkpoint, f"posttrain.reference_values={bad}", f"run_dir={tmp_path}/r")
+        )
 
 
 def test_bad_combinations_are_one_line_errors(data, sft_run, tmp_path):
     with pytest.raises(ConfigError, match="needs data prepared with --format preference"):
         train(_job(data, f'data.datasets=["{data}/sft"]', "posttrain.objective=dpo", f"run_dir={tmp_path}/a"))
     with pytest.raises(ConfigError, match="needs a reference model"):
-        train(_job(data, f'data.datasets=["{data}/pref"]', "posttrain.objective=dpo", f"run_dir={tmp_path}/b"))
+        train(
+            _job(data, f'data.datasets=["{data}/pref"]', "posttrain.objective=dpo", f"run_dir={tmp_path}/b")
+        )
     # A reference of another architecture (the checkpoint has 2 layers, the config builds 3).
     with pytest.raises(ckpt.CheckpointError, match="different model|shape"):
         train(_dpo(data, sft_run.last_checkpoint, "model.n_layers=3", f"run_dir={tmp_path}/c",
@@ -89,7 +93,12 @@ def test_bad_combinations_are_one_line_errors(data, sft_run, tmp_path):
 
 
 def test_evaluate_prints_the_held_out_metrics(data, sft_run, capsys):
-    args = [*SMALL, "training.seq_len=96", "posttrain.objective=sft", f'posttrain.eval_datasets=["{data}/sft"]']
+    args = [
+        *SMALL,
+        "training.seq_len=96",
+        "posttrain.objective=sft",
+        f'posttrain.eval_datasets=["{data}/sft"]',
+    ]
     assert main(["evaluate", "--config", "tiny", "--checkpoint", str(sft_run.last_checkpoint), *args]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["examples"] == 12 and math.isfinite(out["response_loss"]) and out["count"] > 0
