@@ -3,6 +3,7 @@
 
 python -m benchmarks.bench_logprobs [--quick] [--out DIR]      # GPU (or --quick: interpreter shapes)
 python -m benchmarks.bench_logprobs --cpu [--out DIR]           # CPU: time and peak RSS, results/cpu/
+python -m benchmarks.bench_logprobs --max-fit [--out DIR]       # GPU: the most tokens each provider fits
 
 Every provider computes the same thing from hidden [2B*T, D] and the head [V, D]: the summed
 log-probabilities of B chosen and B rejected sequences of T tokens (the first quarter of each, the
@@ -198,6 +199,42 @@ def run_cpu(out_dir: Path | None, reps: int) -> Path:
     return write_results("logprobs", rows, "\n".join(lines) + "\n", out)
 
 
+def max_fit(out_dir: Path | None) -> Path:
+    """GPU: for each provider the most tokens (doubling from 8K, sequences of SEQ) whose fwd+bwd runs
+    without running out of memory: the issue's ">= 4x the longest sequence that fits"."""
+    from benchmarks.harness import Unavailable, device_slug
+    from benchmarks.workload import environment, write_results
+
+    dev = torch.device("cuda")
+    rows = []
+    for name, build in (("llama3hp", _ours), ("torch", _eager), ("liger", _liger)):
+        best, tokens = 0, 8192
+        while tokens <= 1 << 22:
+            shape = {"tokens": tokens, "hidden": 4096, "vocab": 128256, "seq": SEQ}
+            try:
+                inp = make_inputs(shape, dev, torch.bfloat16)
+                build(inp, shape)().backward()
+                torch.cuda.synchronize()
+                best, tokens = tokens, tokens * 2
+            except Unavailable:
+                break
+            except torch.OutOfMemoryError:
+                break
+            finally:
+                inp = None  # noqa: F841 - free before the next size
+                torch.cuda.empty_cache()
+        rows.append({"provider": name, "max_tokens": best, "device": torch.cuda.get_device_name(dev)})
+        print(rows[-1], flush=True)
+    env = environment(["torch", "liger-kernel"])
+    lines = ["# The most tokens whose DPO loss fwd+bwd fits (hidden 4,096, vocab 128,256, bf16)", "",
+             f"{env['date']}, {rows[0]['device']}; command `{env['command']}`", "",
+             "| provider | most tokens | vs torch |", "| --- | --- | --- |"]  # fmt: skip
+    base = next(r["max_tokens"] for r in rows if r["provider"] == "torch") or 1
+    lines += [f"| {r['provider']} | {r['max_tokens']:,} | {r['max_tokens'] / base:.1f}x |" for r in rows]
+    out = out_dir or Path(__file__).resolve().parent / "results" / device_slug(dev)
+    return write_results("logprobs_fit", [{**r, **env} for r in rows], "\n".join(lines) + "\n", out)
+
+
 def main(argv: list[str] | None = None):
     from benchmarks.harness import run_main
 
@@ -205,9 +242,12 @@ def main(argv: list[str] | None = None):
     if argv[:1] == ["--child"]:
         _, provider, shape, reps, out = argv
         return _child(provider, json.loads(shape), int(reps), out)
+    i = argv.index("--out") if "--out" in argv else None
+    out = Path(argv[i + 1]) if i is not None else None
     if "--cpu" in argv:
-        i = argv.index("--out") if "--out" in argv else None
-        return run_cpu(Path(argv[i + 1]) if i is not None else None, reps=3)
+        return run_cpu(out, reps=3)
+    if "--max-fit" in argv:
+        return max_fit(out)
     return run_main(BENCH, argv)
 
 

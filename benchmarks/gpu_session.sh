@@ -6,6 +6,8 @@
 #   kernels    bench_rmsnorm, bench_rope, bench_swiglu, bench_cross_entropy
 #   attention  bench_attention
 #   fp8        bench_fp8_linear
+#   posttrain  bench_logprobs (DPO's loss from hidden states: time and memory at 8K and 32K tokens
+#              against the materialised path and Liger), then its --max-fit (longest that fits)
 #   e2e        bench_e2e: the 1B at 8K on the stdlib corpus, bf16 vs FP8, 500 steps of GLOBAL_ROWS
 #              rows (default 2: ~2.5 min per recipe on an H100 at 50% MFU, so both fit one call)
 #
@@ -90,6 +92,9 @@ for phase in "$@"; do
       step bench_attention $py -m benchmarks.bench_attention ;;
     fp8)
       step bench_fp8_linear $py -m benchmarks.bench_fp8_linear ;;
+    posttrain)
+      step bench_logprobs $py -m benchmarks.bench_logprobs
+      step bench_logprobs_fit $py -m benchmarks.bench_logprobs --max-fit ;;
     e2e)
       step bench_e2e $py -m benchmarks.bench_e2e --steps 500 \
         --set "training.global_batch_rows=$global_rows" "training.micro_batch_rows=$global_rows" ;;
