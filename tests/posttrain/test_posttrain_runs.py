@@ -102,3 +102,12 @@ def test_evaluate_prints_the_held_out_metrics(data, sft_run, capsys):
     assert main(["evaluate", "--config", "tiny", "--checkpoint", str(sft_run.last_checkpoint), *args]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["examples"] == 12 and math.isfinite(out["response_loss"]) and out["count"] > 0
+
+
+@pytest.mark.parametrize("size", ["tiny", "llama3_8b", "llama3_70b", "llama3_405b"])
+def test_the_shipped_post_training_configs_load(size):
+    sft, dpo = load_job_config(f"{size}_sft"), load_job_config(f"{size}_dpo")
+    assert sft.posttrain.objective == "sft" and dpo.posttrain.objective == "dpo"
+    assert (dpo.posttrain.beta, dpo.posttrain.alpha) == (0.1, 0.2) and dpo.data.pack_pairs == "shared_prompt"
+    if size != "tiny":
+        assert dpo.training.lr == 1e-5  # the paper's
