@@ -31,6 +31,7 @@ Shapes: B rows per rank, T = seq_len.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,7 @@ from llama3hp.data.errors import DataError
 from llama3hp.data.indices import DOC_SHUFFLE, seeded_permutation
 from llama3hp.data.shards import TokenDataset
 
+log = logging.getLogger(__name__)
 STATE_VERSION = 1
 PACK_PAIRS = ("shared_prompt", "separate")
 TOO_LONG = ("truncate", "drop")
@@ -222,7 +224,13 @@ class ExampleLoader:
         """This rank's `rows` rows of the next rows * dp_size global rows (epochs roll over)."""
         if rows < 1 or seq_len < 2:
             raise DataError(f"rows must be >= 1 and seq_len >= 2, got rows={rows} seq_len={seq_len}")
-        self.too_long_report(seq_len)
+        if seq_len not in self.reports:
+            r = self.too_long_report(seq_len)
+            if self.dp_rank == 0 and (r["truncated"] or r["dropped"]):
+                log.warning(
+                    "%d of %d examples are longer than a row of %d tokens: %d truncated, %d dropped (data.too_long=%s)",
+                    r["truncated"] + r["dropped"], r["examples"], seq_len, r["truncated"], r["dropped"], self.too_long,
+                )  # fmt: skip
         packed, left = self._pack_rows(rows * self.dp_size, seq_len, self._next_example)
         if left:  # the example that did not fit starts the next call's rows
             self.cursor -= 1

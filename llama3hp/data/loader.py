@@ -51,6 +51,7 @@ from llama3hp.data.examples import ExampleLoader
 from llama3hp.data.indices import DOC_SHUFFLE, SAMPLE_SHUFFLE, build_sample_idx, seeded_permutation
 from llama3hp.data.shards import TokenDataset
 from llama3hp.data.tokenizer import tokenizer_file_sha256
+from llama3hp.errors import ConfigError
 
 __all__ = ["DataConfig", "Batch", "PackedLoader", "build_loader"]
 
@@ -79,8 +80,6 @@ class DataConfig:
     too_long: str = "truncate"
 
     def validate(self) -> None:
-        from llama3hp.errors import ConfigError
-
         for name, value, choices in (
             ("pack_pairs", self.pack_pairs, ("shared_prompt", "separate")),
             ("too_long", self.too_long, ("truncate", "drop")),
