@@ -36,12 +36,15 @@ def _run(fn, hidden, weight, targets, grad_out, dtype):
 
 
 @pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("backend", ["triton", "auto"])  # auto on CPU: the chunked Function, torch reductions
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [6, 42, 123])
-def test_linear_logprobs_match_float64_reference(n, dtype):
+def test_linear_logprobs_match_float64_reference(n, dtype, backend):
+    if backend == "auto" and torch.cuda.is_available():
+        pytest.skip("auto is the Triton path on CUDA")
     hidden, weight, targets = _inputs(n, 24, 300)  # vocabulary not a power of two
     grad_out = torch.rand(n) + 0.5
-    got = _run(lambda *a: linear_logprobs(*a, chunk_size=16, backend="triton"), hidden, weight, targets,
+    got = _run(lambda *a: linear_logprobs(*a, chunk_size=16, backend=backend), hidden, weight, targets,
                grad_out, dtype)  # fmt: skip
     want = _run(lambda *a: _logp64(*a), hidden, weight, targets, grad_out, torch.float64)
     base = _run(linear_logprobs_ref, hidden, weight, targets, grad_out, dtype)
