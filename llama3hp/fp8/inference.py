@@ -19,6 +19,8 @@ Shape legend: M tokens, K in_features, N out_features.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -70,7 +72,9 @@ class Fp8InferenceLinear(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.fp8_config
-        return f"in={self.in_features}, out={self.out_features}, ub={c.activation_scale_ub}, gemm={c.gemm_impl}"
+        return (
+            f"in={self.in_features}, out={self.out_features}, ub={c.activation_scale_ub}, gemm={c.gemm_impl}"
+        )
 
 
 def fp8_inference_gemm(x: torch.Tensor, wq: torch.Tensor, w_scale_inv: torch.Tensor, cfg: Fp8Config):
@@ -92,7 +96,7 @@ def apply_fp8_inference(model: nn.Module, config: Fp8Config | None = None) -> li
     config = config or serving_fp8_config()
     fqns = []
     for fqn in select_fp8_linears(model, config):
-        lin = model.get_submodule(fqn)
+        lin = cast(nn.Linear, model.get_submodule(fqn))
         if config.recipe == "rowwise" and (lin.in_features % 16 or lin.out_features % 16):
             continue
         parent_name, _, child = fqn.rpartition(".")

@@ -28,6 +28,7 @@ from torch import nn
 
 import llama3hp.kernels as K
 from llama3hp.inference.kv_cache import AttentionMetadata, KVCache
+from llama3hp.model.args import KernelConfig
 from llama3hp.model.grouped import pack_rows_
 from llama3hp.model.llama import Attention, FeedForward, Transformer
 from llama3hp.parallel.tp_comm import TPComm
@@ -40,8 +41,9 @@ class CachedAttention(nn.Module):
         super().__init__()
         self.wq, self.wk, self.wv, self.wo = attn.wq, attn.wk, attn.wv, attn.wo
         self.head_dim = attn.head_dim
-        self.kernels = attn.kernels
-        self.cache, self.layer = cache, layer
+        self.kernels = cast(KernelConfig, attn.kernels)
+        self.cache: KVCache = cache
+        self.layer: int = layer
         self.tp = tp if tp is not None else TPComm()
 
     def forward(self, x_BTD, positions_BT, inv_freq, cu_seqlens=None, max_seqlen=None):
@@ -98,10 +100,13 @@ def apply_kv_cache(model: Transformer, cache: KVCache) -> None:
         tp = cast(TPComm, attn.tp) if hasattr(attn, "tp") else None
         if not isinstance(attn, Attention) and tp is None:
             raise ValueError(f"cannot add a KV cache to attention of type {type(attn).__name__}")
-        if getattr(attn, "cp", None) is not None and attn.cp.size > 1:
+        cp = getattr(attn, "cp", None)
+        if cp is not None and cp.size > 1:
             raise ValueError("serving does not run context parallelism: build the model with cp=1")
         if tp is not None and tp.sequence_parallel and tp.size > 1:
-            raise ValueError("serve with TPComm(sequence_parallel=False): a decode step has one token per sequence")
+            raise ValueError(
+                "serve with TPComm(sequence_parallel=False): a decode step has one token per sequence"
+            )
         _pack(attn, ["wq", "wk", "wv"])
         ffn = block.feed_forward
         if isinstance(ffn, FeedForward) or hasattr(ffn, "tp"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import queue
 import time
+from collections import deque
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
@@ -80,15 +81,22 @@ class EngineStats:
     requests_aborted: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
-    ttft_s: list[float] = field(default_factory=list)  # time to first token of each request
-    tpot_s: list[float] = field(default_factory=list)  # per output token, after the first
+    # Latest 100,000 requests: time to first token, and per output token after the first.
+    ttft_s: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
+    tpot_s: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
 
 
 class LLMEngine:
     """Continuous-batching generation over `model` (module docstring). The model is changed in
     place: its attention modules are swapped for cache-aware ones (`apply_kv_cache`)."""
 
-    def __init__(self, model: Transformer, config: EngineConfig | None = None, *, group: dist.ProcessGroup | None = None):
+    def __init__(
+        self,
+        model: Transformer,
+        config: EngineConfig | None = None,
+        *,
+        group: dist.ProcessGroup | None = None,
+    ):
         self.config = config = config or EngineConfig()
         args = model.args
         tp = 1 if group is None else dist.get_world_size(group)
@@ -169,7 +177,7 @@ class LLMEngine:
     # ---------------------------------------------------------------- the loop (one thread)
 
     def _drain_inbox(self) -> list[TokenOutput]:
-        outs = []
+        outs: list[TokenOutput] = []
         while True:
             try:
                 msg = self._inbox.get_nowait()
@@ -210,7 +218,13 @@ class LLMEngine:
                 self.stats.ttft_s.append(req.first_token_time - req.arrival)
             if seq.finished and seq.n_out > 1 and req.first_token_time is not None:
                 self.stats.tpot_s.append((now - req.first_token_time) / (seq.n_out - 1))
-            if seq.finished and all(s.finished for s in req.seqs) and len(req.seqs) == req.params.n:
+            if (
+                seq.finished
+                and not req.reported
+                and len(req.seqs) == req.params.n
+                and all(s.finished for s in req.seqs)
+            ):
+                req.reported = True
                 self.stats.requests_finished += 1
         self._pending = self._inbox.qsize() + self.scheduler.n_waiting
         return outs

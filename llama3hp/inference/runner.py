@@ -169,7 +169,7 @@ class ModelRunner:
         self.max_model_len, self.amp_dtype, self.group = max_model_len, amp_dtype, group
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
         self._graphs: dict[int, _DecodeGraph] = {}
-        self._pool = None
+        self._pool: tuple[int, int] | None = None
         self.max_graph_batch = 256
 
     def _autocast(self):
@@ -204,7 +204,7 @@ class ModelRunner:
         dev = self.device
         to = lambda t: None if t is None else t.to(dev, non_blocking=True)
         meta = AttentionMetadata(
-            to(inp.slot_mapping), inp.n_decode, to(inp.block_tables), to(inp.context_lens), inp.max_context_len,
+            inp.slot_mapping.to(dev, non_blocking=True), inp.n_decode, to(inp.block_tables), to(inp.context_lens), inp.max_context_len,
             to(inp.cu_seqlens_q), to(inp.cu_seqlens_k), to(inp.q_pos_offsets), inp.max_seqlen_q,
             inp.max_seqlen_k, to(inp.gather_slots),
         )  # fmt: skip

@@ -100,6 +100,8 @@ def sample(
             chosen = order.gather(1, pick)[:, 0]
         else:
             cdf = probs.cumsum(-1)
-            chosen = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=x.shape[1] - 1)[:, 0]
+            chosen = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=x.shape[1] - 1)[
+                :, 0
+            ]
         out = out.index_copy(0, idx, chosen)
     return out.tolist()

@@ -60,6 +60,7 @@ class Request:
     reserved: int = 0  # blocks promised to this request and not yet taken
     first_token_time: float | None = None
     aborted: bool = False
+    reported: bool = False  # counted as finished in the engine's stats
     generators: list[torch.Generator | None] = field(default_factory=list)  # one per sample
 
     @property
@@ -112,7 +113,9 @@ class Scheduler:
 
     def __init__(self, allocator: BlockAllocator, config: SchedulerConfig):
         if config.max_num_batched_tokens < config.max_num_seqs:
-            raise ValueError("max_num_batched_tokens must be >= max_num_seqs (every running sequence decodes)")
+            raise ValueError(
+                "max_num_batched_tokens must be >= max_num_seqs (every running sequence decodes)"
+            )
         self.allocator, self.config = allocator, config
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []

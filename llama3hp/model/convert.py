@@ -198,7 +198,9 @@ def _rope_from_hf_config(cfg: dict) -> tuple[float, dict | None]:
         )
     unknown = sorted(set(scaling or {}) - _ROPE_KEYS[rope_type])
     if unknown:
-        raise ConfigError(f"unrecognised RoPE setting(s) {unknown} for rope_type {rope_type!r} in config.json")
+        raise ConfigError(
+            f"unrecognised RoPE setting(s) {unknown} for rope_type {rope_type!r} in config.json"
+        )
     if theta is None:
         theta = 10000.0
     if not isinstance(theta, int | float) or theta <= 0:

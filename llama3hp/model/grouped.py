@@ -28,7 +28,8 @@ def groupable(linears: Sequence[nn.Module | torch.Tensor]) -> bool:
 
     if kind is Fp8InferenceLinear:  # FP8 serving: one quantization of x, one GEMM over packed rows
         return len(linears) > 1 and all(
-            type(lin) is kind and cast(Fp8InferenceLinear, lin).fp8_config == linears[0].fp8_config
+            type(lin) is kind
+            and cast(Fp8InferenceLinear, lin).fp8_config == cast(Fp8InferenceLinear, linears[0]).fp8_config
             for lin in linears
         )
     lins = [lin for lin in linears if isinstance(lin, nn.Linear) and type(lin) is kind and lin.bias is None]
