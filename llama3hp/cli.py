@@ -205,6 +205,11 @@ def _cmd_generate(a: argparse.Namespace) -> int:
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "sse_starlette") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"serve needs {', '.join(missing)}: pip install 'llama3hp[serve]'")
     from llama3hp.data.tokenizer import Tokenizer
     from llama3hp.inference.build import start_engine
     from llama3hp.inference.server import build_app, serve
