@@ -28,8 +28,6 @@ def tokenizer() -> Tokenizer:
     return Tokenizer.load()
 
 
-
-
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> dict[str, Path]:
     """Checkpoints of the trainer: "fp32" (24 steps: a model whose perplexity means something),
@@ -42,12 +40,17 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("trained")
     stdlib = os.path.dirname(os.__file__)
     prepare([os.path.join(stdlib, f) for f in TRAIN_FILES], root / "data", workers=1)
-    runs = {"fp32": (24, []), "bf16": (2, ["training.dtype=bfloat16"]), "fp8": (2, ["fp8.recipe=rowwise"])}
+    short = ["training.warmup_steps=1"]
+    runs = {"fp32": (24, []), "bf16": (2, ["training.dtype=bfloat16", *short]),
+            "fp8": (2, ["fp8.recipe=rowwise", *short])}  # fmt: skip
     out = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see _one_thread; a session fixture is set up before it
     for name, (steps, extra) in runs.items():
         job = load_job_config("tiny", [
             *TRAIN, f'data.datasets=["{root / "data"}"]', f"run_dir={root / name}", f"training.steps={steps}",
             f"checkpoint.interval={steps}", *extra,
         ])  # fmt: skip
         out[name] = train(job).last_checkpoint
+    torch.set_num_threads(threads)
     return out

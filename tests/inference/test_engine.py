@@ -96,9 +96,12 @@ def test_samples_after_copy_on_write_match_separate_requests():
     model = tiny_model()
     p = prompts([21])[0]
     together = engine_for(copy.deepcopy(model)).generate(
-        [p, *prompts([9, 40], seed=1)], SamplingParams(max_tokens=8, temperature=0.9, n=3, seed=11, ignore_eos=True)
+        [p, *prompts([9, 40], seed=1)],
+        SamplingParams(max_tokens=8, temperature=0.9, n=3, seed=11, ignore_eos=True),
     )[0]
-    alone = engine_for(model).generate([p], SamplingParams(max_tokens=8, temperature=0.9, n=3, seed=11, ignore_eos=True))[0]
+    alone = engine_for(model).generate(
+        [p], SamplingParams(max_tokens=8, temperature=0.9, n=3, seed=11, ignore_eos=True)
+    )[0]
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
     assert len({tuple(r.token_ids) for r in alone}) > 1  # the samples differ
 
@@ -171,9 +174,13 @@ def test_generation_stops_on_the_end_tokens(stop_token, tokenizer):
 def test_stop_strings_end_generation_and_are_not_returned(tokenizer):
     model = tiny_model()
     p = prompts([9])[0]
-    (free,) = engine_for(copy.deepcopy(model)).generate([p], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True), tokenizer)[0]
+    (free,) = engine_for(copy.deepcopy(model)).generate(
+        [p], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True), tokenizer
+    )[0]
     stop = free.text[len(free.text) // 2 : len(free.text) // 2 + 3]
-    (r,) = engine_for(model).generate([p], SamplingParams(max_tokens=12, temperature=0.0, stop=[stop], ignore_eos=True), tokenizer)[0]
+    (r,) = engine_for(model).generate(
+        [p], SamplingParams(max_tokens=12, temperature=0.0, stop=[stop], ignore_eos=True), tokenizer
+    )[0]
     assert r.finish_reason == "stop" and r.text == free.text[: free.text.find(stop)]
     assert len(r.token_ids) < 12
 

@@ -31,7 +31,9 @@ def test_top_k_and_top_p_restrict_the_support():
 
 def test_temperature_sampling_follows_the_distribution():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.2]))
-    got = torch.bincount(torch.tensor(draws(logits, SamplingParams(temperature=1.0), 4000)), minlength=3) / 4000
+    got = (
+        torch.bincount(torch.tensor(draws(logits, SamplingParams(temperature=1.0), 4000)), minlength=3) / 4000
+    )
     torch.testing.assert_close(got, torch.tensor([0.5, 0.3, 0.2]), atol=0.03, rtol=0)
 
 
