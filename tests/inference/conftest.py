@@ -32,10 +32,11 @@ def tokenizer() -> Tokenizer:
 def trained(tmp_path_factory) -> dict[str, Path]:
     """Checkpoints of the trainer: "fp32" (24 steps: a model whose perplexity means something),
     "bf16" and "fp8" (rowwise recipe), 2 steps each. {recipe: checkpoint folder}."""
+    from serving_testing import TRAIN, TRAIN_FILES
+
     from llama3hp.config import load_job_config
     from llama3hp.data import prepare
     from llama3hp.train.trainer import train
-    from serving_testing import TRAIN, TRAIN_FILES
 
     root = tmp_path_factory.mktemp("trained")
     stdlib = os.path.dirname(os.__file__)
