@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import AsyncIterator
@@ -222,13 +223,16 @@ class ServerState:
             for rid, prompt in zip(gen.rids, gen.prompts):
                 ae.submit(rid, prompt, gen.params, q)
             remaining = len(gen.choices)
+            checked = time.monotonic()
             while remaining:
                 try:
                     outs = await asyncio.wait_for(q.get(), timeout=DISCONNECT_POLL_S)
                 except TimeoutError:
+                    outs = []
+                if time.monotonic() - checked >= DISCONNECT_POLL_S:  # tokens may never pause
+                    checked = time.monotonic()
                     if await request.is_disconnected():
-                        raise ClientGone from None
-                    continue
+                        raise ClientGone
                 for out in outs:
                     choice = by_key[out.request_id, out.index]
                     was_done = choice.finish_reason is not None
@@ -242,6 +246,27 @@ class ServerState:
                 ae.forget(rid)
                 if any(c.finish_reason is None for c in gen.choices if c.rid == rid):
                     ae.abort(rid)
+
+
+class CountRequests:
+    """Counts HTTP requests and error statuses for /metrics. A plain ASGI middleware: Starlette's
+    BaseHTTPMiddleware wraps `receive`, and a handler behind it never sees its client disconnect."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        self.state.http_requests += 1
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                errors = self.state.http_errors
+                errors[message["status"]] = errors.get(message["status"], 0) + 1
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
 
 
 def _finish(reason: str | None) -> str | None:
@@ -267,13 +292,7 @@ def build_app(engine: LLMEngine, tokenizer: Tokenizer, model_name: str) -> FastA
     app = FastAPI(title="llama3hp", lifespan=lifespan)
     app.state.llama3hp = state
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        state.http_requests += 1
-        response = await call_next(request)
-        if response.status_code >= 400:
-            state.http_errors[response.status_code] = state.http_errors.get(response.status_code, 0) + 1
-        return response
+    app.add_middleware(CountRequests, state=state)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError):
