@@ -14,7 +14,8 @@ has one token per sequence), the move to the device (each rank keeps only its sh
 paper's FP8 serving recipe when asked (`llama3hp.fp8.inference.apply_fp8_inference`).
 
 Limitation: under tensor parallelism every rank reads the whole checkpoint into host memory before
-keeping its shards (one rank at a time, so the peak is one copy, not tp copies).
+keeping its shards: one rank at a time for Hugging Face and Meta folders (the peak is one copy),
+all ranks at once for a llama3hp checkpoint (DCP's load is a collective: tp copies at the peak).
 """
 
 from __future__ import annotations
@@ -54,8 +55,10 @@ def _empty_model(args: ModelArgs) -> Transformer:
     return model
 
 
-def load_plain_model(path: str | Path) -> Transformer:
-    """The checkpoint at `path` (any of the three formats) as a plain fp32 model on the CPU."""
+def load_plain_model(path: str | Path, group: dist.ProcessGroup | None = None) -> Transformer:
+    """The checkpoint at `path` (any of the three formats) as a plain fp32 model on the CPU.
+    `group`: the ranks loading it together (a llama3hp checkpoint is read with a collective DCP
+    load, its manifest hashed once on rank 0)."""
     fmt = checkpoint_format(path)
     if fmt == "llama3hp":
         from llama3hp.config import model_args_from_dict
@@ -65,7 +68,7 @@ def load_plain_model(path: str | Path) -> Transformer:
         if "model_args" not in meta:
             raise ckpt.CheckpointError(f"checkpoint {path} stores no model args")
         model = _empty_model(model_args_from_dict(meta["model_args"]))
-        ckpt.load_checkpoint(path, model)
+        ckpt.load_checkpoint(path, model, group=group)
         return model
     from llama3hp.model.convert import load_hf, load_meta
 
@@ -98,12 +101,15 @@ def load_serving_model(
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     rank, size = (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
-    model = None
-    for turn in range(size):  # one rank at a time holds the whole checkpoint in host memory
-        if turn == rank:
-            model = _prepare(load_plain_model(path), device, dtype, group)
-        if group is not None:
-            dist.barrier(group=group)
+    if checkpoint_format(path) == "llama3hp":  # DCP loads collectively: every rank at once
+        model = _prepare(load_plain_model(path, group), device, dtype, group)
+    else:
+        model = None
+        for turn in range(size):  # one rank at a time holds the whole checkpoint in host memory
+            if turn == rank:
+                model = _prepare(load_plain_model(path), device, dtype, group)
+            if group is not None:
+                dist.barrier(group=group)
     assert model is not None
     if fp8:
         from llama3hp.fp8.inference import apply_fp8_inference, serving_fp8_config
