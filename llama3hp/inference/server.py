@@ -169,6 +169,7 @@ class ClientGone(Exception):
 class Generation:
     """The sub-requests of one HTTP request (one per prompt) and their n choices each."""
 
+    id: str  # the answer's id (cmpl-... or chatcmpl-...)
     prompts: list[list[int]]
     params: SamplingParams
     choices: list[Choice] = field(default_factory=list)
@@ -204,7 +205,7 @@ class ServerState:
             self.engine.check_request(ids, params)
         if self.engine.n_waiting + len(prompts) > self.engine.config.max_queued_requests:
             raise QueueFull(f"{self.engine.n_waiting} requests are waiting: try again later")
-        gen = Generation(prompts, params)
+        gen = Generation(prefix, prompts, params)
         for i in range(len(prompts)):
             rid = f"{prefix}-{i}"
             gen.rids.append(rid)
@@ -345,43 +346,30 @@ def build_app(engine: LLMEngine, tokenizer: Tokenizer, model_name: str) -> FastA
     async def metrics():
         return PlainTextResponse(render_metrics(state), media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        if (err := check_common(body)) is not None:
-            return err
-        cid, created = new_id("cmpl"), now()
-        try:
-            prompts = [
-                tokenizer.encode(p, bos=True) if isinstance(p, str) else list(p) for p in body.prompts()
-            ]
-            assert body.max_tokens is not None
-            gen = state.prepare(prompts, body.sampling(body.max_tokens), cid)
-        except UserError as e:
-            return user_error(e)
+    def answer(gen: Generation, body, request: Request, obj: str, piece, preamble=()):
+        """The HTTP answer of a prepared generation: SSE chunks built by `piece(choice, text, finish)`
+        (after the `preamble` chunks' choices) when body.stream, else the whole JSON of `obj`."""
+        cid, created = gen.id, now()
 
         def chunk(choices: list[dict], usage_: dict | None = None) -> dict:
-            out: dict[str, Any] = {"id": cid, "object": "text_completion", "created": created,
-                                   "model": model_name, "choices": choices}  # fmt: skip
+            out: dict[str, Any] = {"id": cid, "object": f"{obj}.chunk" if obj == "chat.completion" else obj,
+                                   "created": created, "model": model_name, "choices": choices}  # fmt: skip
             if body.include_usage:
                 out["usage"] = usage_
             return out
 
-        order = {(c.rid, c.sample): i for i, c in enumerate(gen.choices)}
         if body.stream:
 
             async def sse():
+                failed = json.dumps(error_body("generation failed on the server", "server_error", code=500))
                 try:
+                    for choice in preamble:
+                        yield {"data": json.dumps(chunk([choice]))}
                     async for choice, text, finish in state.events(gen, request):
-                        idx = order[choice.rid, choice.sample]
                         if finish == "error":
-                            yield {
-                                "data": json.dumps(
-                                    error_body("generation failed on the server", "server_error", code=500)
-                                )
-                            }
+                            yield {"data": failed}
                             return
-                        yield {"data": json.dumps(chunk([{"index": idx, "text": text, "logprobs": None,
-                                                          "finish_reason": _finish(finish)}]))}  # fmt: skip
+                        yield {"data": json.dumps(chunk([piece(choice, text, _finish(finish))]))}
                     if body.include_usage:
                         yield {"data": json.dumps(chunk([], usage(gen.prompt_tokens, gen.completion_tokens)))}
                     yield {"data": "[DONE]"}
@@ -389,6 +377,10 @@ def build_app(engine: LLMEngine, tokenizer: Tokenizer, model_name: str) -> FastA
                     yield {"data": json.dumps(error_body(str(e), "server_overloaded", code=503))}
 
             return EventSourceResponse(sse(), sep="\n", ping=600)
+        return None
+
+    async def collect(gen: Generation, request: Request) -> JSONResponse | None:
+        """Run a non-streamed generation to its end; the error answer, or None when it finished."""
         try:
             async for _ in state.events(gen, request):
                 pass
@@ -398,10 +390,32 @@ def build_app(engine: LLMEngine, tokenizer: Tokenizer, model_name: str) -> FastA
             return user_error(e)
         if any(c.finish_reason == "error" for c in gen.choices):
             return _error(500, "generation failed on the server", "server_error")
+        return None
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        if (err := check_common(body)) is not None:
+            return err
+        try:
+            prompts = [
+                tokenizer.encode(p, bos=True) if isinstance(p, str) else list(p) for p in body.prompts()
+            ]
+            assert body.max_tokens is not None
+            gen = state.prepare(prompts, body.sampling(body.max_tokens), new_id("cmpl"))
+        except UserError as e:
+            return user_error(e)
+        order = {(c.rid, c.sample): i for i, c in enumerate(gen.choices)}  # prompt i, sample j -> i * n + j
+
+        def piece(c: Choice, text: str, finish: str | None) -> dict:
+            return {"index": order[c.rid, c.sample], "text": text, "logprobs": None, "finish_reason": finish}
+
+        if (streamed := answer(gen, body, request, "text_completion", piece)) is not None:
+            return streamed
+        if (err := await collect(gen, request)) is not None:
+            return err
         return {
-            "id": cid, "object": "text_completion", "created": created, "model": model_name,
-            "choices": [{"index": i, "text": c.text, "logprobs": None, "finish_reason": _finish(c.finish_reason)}
-                        for i, c in enumerate(gen.choices)],
+            "id": gen.id, "object": "text_completion", "created": now(), "model": model_name,
+            "choices": [piece(c, c.text, _finish(c.finish_reason)) for c in gen.choices],
             "usage": usage(gen.prompt_tokens, gen.completion_tokens),
         }  # fmt: skip
 
@@ -409,59 +423,28 @@ def build_app(engine: LLMEngine, tokenizer: Tokenizer, model_name: str) -> FastA
     async def chat_completions(body: ChatRequest, request: Request):
         if (err := check_common(body)) is not None:
             return err
-        cid, created = new_id("chatcmpl"), now()
         try:
             prompt = state.chat.encode_dialog_prompt(body.dialog())
             max_tokens = (
                 body.max_completion_tokens or body.max_tokens or max(1, engine.max_model_len - len(prompt))
             )
-            gen = state.prepare([prompt], body.sampling(max_tokens), cid)
+            gen = state.prepare([prompt], body.sampling(max_tokens), new_id("chatcmpl"))
         except UserError as e:
             return user_error(e)
 
-        def chunk(choices: list[dict], usage_: dict | None = None) -> dict:
-            out: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created,
-                                   "model": model_name, "choices": choices}  # fmt: skip
-            if body.include_usage:
-                out["usage"] = usage_
-            return out
+        def piece(c: Choice, text: str, finish: str | None) -> dict:
+            delta = {"content": text} if text else {}
+            return {"index": c.sample, "delta": delta, "logprobs": None, "finish_reason": finish}
 
-        if body.stream:
-
-            async def sse():
-                try:
-                    for c in gen.choices:  # the first chunk of every choice carries the role
-                        yield {"data": json.dumps(chunk([{"index": c.sample, "delta": {"role": "assistant", "content": ""},
-                                                          "logprobs": None, "finish_reason": None}]))}  # fmt: skip
-                    async for choice, text, finish in state.events(gen, request):
-                        if finish == "error":
-                            yield {
-                                "data": json.dumps(
-                                    error_body("generation failed on the server", "server_error", code=500)
-                                )
-                            }
-                            return
-                        delta = {"content": text} if text else {}
-                        yield {"data": json.dumps(chunk([{"index": choice.sample, "delta": delta, "logprobs": None,
-                                                          "finish_reason": _finish(finish)}]))}  # fmt: skip
-                    if body.include_usage:
-                        yield {"data": json.dumps(chunk([], usage(gen.prompt_tokens, gen.completion_tokens)))}
-                    yield {"data": "[DONE]"}
-                except QueueFull as e:
-                    yield {"data": json.dumps(error_body(str(e), "server_overloaded", code=503))}
-
-            return EventSourceResponse(sse(), sep="\n", ping=600)
-        try:
-            async for _ in state.events(gen, request):
-                pass
-        except ClientGone:
-            return _error(499, "client disconnected")
-        except QueueFull as e:
-            return user_error(e)
-        if any(c.finish_reason == "error" for c in gen.choices):
-            return _error(500, "generation failed on the server", "server_error")
+        # The first chunk of every choice carries the role.
+        roles = [{"index": c.sample, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                  "finish_reason": None} for c in gen.choices]  # fmt: skip
+        if (streamed := answer(gen, body, request, "chat.completion", piece, roles)) is not None:
+            return streamed
+        if (err := await collect(gen, request)) is not None:
+            return err
         return {
-            "id": cid, "object": "chat.completion", "created": created, "model": model_name,
+            "id": gen.id, "object": "chat.completion", "created": now(), "model": model_name,
             "choices": [{"index": c.sample, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
                          "finish_reason": _finish(c.finish_reason)} for c in gen.choices],
             "usage": usage(gen.prompt_tokens, gen.completion_tokens),
