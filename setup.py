@@ -107,8 +107,17 @@ setup(
         # Tests drive the server through the official openai client and raw HTTP (httpx), and compare
         # with Hugging Face transformers (config forms, logits, the generate peer of bench_serve).
         "dev": [
-            "pytest>=8", "pytest-xdist", "ruff", "mypy", "tensorboard",
-            "fastapi>=0.110", "uvicorn>=0.29", "sse-starlette>=2.0", "openai>=1.0", "httpx", "transformers>=4.45",
+            "pytest>=8",
+            "pytest-xdist",
+            "ruff",
+            "mypy",
+            "tensorboard",
+            "fastapi>=0.110",
+            "uvicorn>=0.29",
+            "sse-starlette>=2.0",
+            "openai>=1.0",
+            "httpx",
+            "transformers>=4.45",
         ],  # fmt: skip
     },
     entry_points={"console_scripts": ["llama3hp=llama3hp.cli:main"]},

@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 try:
-    from llama3hp import _C
+    from llama3hp import _C  # type: ignore[attr-defined]  # the compiled extension has no stubs
 except ImportError:  # the extension is optional: numpy fallback below
     _C = None
 

@@ -340,9 +340,9 @@ class PackedLoader:
         inputs = np.empty((rows, seq_len), np.int64)
         targets = np.empty((rows, seq_len), np.int64)
         cu: list[int] = []
-        for r, ref in enumerate(refs):
-            assert ref is not None
-            rnd, i = ref
+        for r, slot_ref in enumerate(refs):
+            assert slot_ref is not None
+            rnd, i = slot_ref
             cu.extend(r * seq_len + s for s in rnd.fetch(i, inputs[r], targets[r]))
         cu.append(rows * seq_len)
         cu_arr = np.asarray(cu, dtype=np.int32)

@@ -97,7 +97,9 @@ def _walk(directory: Path, extensions: tuple[str, ...]) -> list[Path]:
     return sorted(found)
 
 
-def _expand_inputs(inputs: Sequence[str | os.PathLike], extensions: tuple[str, ...]) -> list[Path]:
+def _expand_inputs(
+    inputs: Sequence[str | os.PathLike] | str | os.PathLike, extensions: tuple[str, ...]
+) -> list[Path]:
     if isinstance(inputs, str | os.PathLike):
         inputs = [inputs]
     files: list[Path] = []

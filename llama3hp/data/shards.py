@@ -60,8 +60,8 @@ class ShardWriter:
         self.shards: list[dict[str, Any]] = []
         self.n_tokens = 0
         self.n_docs = 0
-        self._file = None
-        self._hash = None
+        self._file: Any = None  # the open shard (a binary file) while one is being written
+        self._hash: Any = None  # its running SHA-256
         self._offsets: list[int] = [0]
 
     def _open(self) -> None:
