@@ -118,7 +118,7 @@ setup(
             "openai>=1.0",
             "httpx",
             "transformers>=4.45",
-        ],  # fmt: skip
+        ],
     },
     entry_points={"console_scripts": ["llama3hp=llama3hp.cli:main"]},
     zip_safe=False,

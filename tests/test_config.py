@@ -30,6 +30,7 @@ def test_overrides_parse_to_field_types():
         [
             "training.lr=1e-3",
             "training.steps=12",
+            "training.warmup_steps=2",  # the tiny config warms up over 20 steps
             "training.global_batch_rows=8",
             "model.n_layers=2",
             "model.kernels.rmsnorm=torch",

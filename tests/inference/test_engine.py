@@ -187,3 +187,22 @@ def test_stop_strings_end_generation_and_are_not_returned(tokenizer):
 
 def test_block_size_is_the_papers_page():
     assert BLOCK_SIZE == 16
+
+
+@pytest.mark.gpu  # skipped without CUDA (tests/conftest.py): graphs exist only on a GPU
+def test_cuda_graph_decode_equals_eager_decode():
+    """On CUDA, pure decode steps replay a graph captured per batch bucket: the tokens must be those
+    of eager decoding (bf16 weights, the Triton kernels), and the graphs must really be used."""
+    model = tiny_model()
+    inv = model.inv_freq
+    model = model.to(torch.bfloat16)
+    model.inv_freq = inv
+    model = model.to("cuda")
+    ps = prompts([5, 37, 16])
+    runs = {}
+    for graphs in (True, False):
+        engine = LLMEngine(copy.deepcopy(model), EngineConfig(num_blocks=128, cuda_graphs=graphs))
+        runs[graphs] = [r[0].token_ids for r in engine.generate(ps, GREEDY)]
+        if graphs:
+            assert engine.runner.cuda_graphs and engine.runner._graphs, "no graph was captured"
+    assert runs[True] == runs[False]
