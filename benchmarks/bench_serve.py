@@ -95,11 +95,25 @@ def hf_model(args, device: torch.device, seed: int = 0):
     config = tr.LlamaConfig(**cfg)
     config._attn_implementation = "sdpa"
     ours = our_model(args, "bf16", device, seed)
-    with torch.device(device):
-        model = tr.LlamaForCausalLM(config).to(torch.bfloat16)
-    model.load_state_dict(to_hf_state_dict({k: v for k, v in ours.state_dict().items()}))
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 directly: an 8B in fp32 would take 32 GB
+    try:
+        with torch.device(device):
+            model = tr.LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(before)
+    model.load_state_dict(to_hf_state_dict(dict(ours.state_dict())))
     del ours
+    free_memory(device)
     return model.eval().requires_grad_(False)
+
+
+def free_memory(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def sync(device: torch.device) -> None:
@@ -119,8 +133,9 @@ def engine_for(args, precision: str, s: Setup):
     from llama3hp.inference.engine import EngineConfig, LLMEngine
 
     model = our_model(args, precision, s.device)
+    # A fixed KV cache (not 90% of what is free) leaves room for the next provider's model.
     cfg = EngineConfig(max_num_seqs=max(64, s.requests), max_num_batched_tokens=4096,
-                       kv_memory_gib=None if s.device.type == "cuda" else 1.0)  # fmt: skip
+                       kv_memory_gib=16.0 if s.device.type == "cuda" else 1.0)  # fmt: skip
     return LLMEngine(model, cfg)
 
 
@@ -317,6 +332,7 @@ def run(s: Setup, precisions: list[str], providers: list[str]) -> list[dict]:
         lat = poisson_ours(engine, tokenizer, s, arrivals, prompts(s.requests, 32, 96, seed=4))
         row("llama3hp", "poisson", precision, rate=s.poisson_rate, **_latency(lat))
         del engine
+        free_memory(s.device)
     if "hf" in providers:
         model = hf_model(args, s.device)
         hf_generate(model, prompts(2, 8, 8, seed=9), 4, s.device)  # warm-up
