@@ -154,6 +154,10 @@ class HeadOutput:
         model read (a sequence's log-likelihood)."""
         return self.document_sums(self.token_logprobs(batch.targets, ignore_index=ignore_index), batch)
 
-    def logits(self) -> torch.Tensor:
-        """[B, T, V] logits (materialised: for inference and tests, not for a loss)."""
-        return self.head.logits(self.h)
+    def logits(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T, V] logits (materialised: for inference and tests, not for a loss); with `rows`
+        (int [R], indices into the flattened B*T tokens) only those rows' logits, [R, V]: a serving
+        step projects just the tokens it samples from (the last of each prompt), not every one."""
+        if rows is None:
+            return self.head.logits(self.h)
+        return self.head.logits(self.h.reshape(-1, self.h.shape[-1]).index_select(0, rows))

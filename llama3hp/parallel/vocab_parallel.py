@@ -22,7 +22,7 @@ from llama3hp.kernels.cross_entropy import accumulate_grad_weight, chunk_rows, l
 from llama3hp.kernels.dispatch import autocast_off, matmul_dtype, use_triton
 from llama3hp.kernels.logprobs import linear_logprobs
 from llama3hp.model.head import OutputHead
-from llama3hp.parallel.comm import all_gather_dim, all_reduce
+from llama3hp.parallel.comm import all_gather_dim, all_reduce, all_reduced
 from llama3hp.parallel.tp_comm import TPComm
 
 
@@ -146,15 +146,11 @@ class AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        x = x.clone()
-        all_reduce(x, group)
-        return x
+        return all_reduced(x, group)
 
     @staticmethod
     def backward(ctx, g):
-        g = g.contiguous().clone()
-        all_reduce(g, ctx.group)
-        return g, None
+        return all_reduced(g, ctx.group), None
 
 
 class GatherVocab(torch.autograd.Function):

@@ -32,7 +32,8 @@ from llama3hp.model import ModelArgs, Transformer
 from llama3hp.parallel import ParallelConfig, build_mesh, parallelize
 from llama3hp.parallel.ac import apply_ac
 
-TIMEOUT_S = 360  # a hang guard for the whole group (test_layouts: ~150 s alone on 2 busy cores), not a timing test
+# A hang guard for the whole group (test_layouts: ~150 s alone on 2 busy cores), not a timing test.
+TIMEOUT_S = 360
 
 
 def small_args(**kw) -> ModelArgs:
