@@ -82,13 +82,22 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
     missing = [str(p) for p in inputs if not p.exists()]
     if missing:
         raise UsageError(f"prepare: input not found: {missing[0]}")
+    if a.max_similarity is not None and a.format != "preference":
+        raise UsageError("prepare: --max-similarity applies to --format preference")
+    extra = {} if a.max_similarity is None else {"max_similarity": a.max_similarity}
     manifest = prepare(
         inputs, a.out, tokenizer_path=a.tokenizer, text_field=a.text_field, workers=a.workers, format=a.format,
-        overwrite=a.overwrite,
+        overwrite=a.overwrite, **extra,
     )  # fmt: skip
     print(
         f"prepared {len(inputs)} input(s) into {a.out}: {manifest['n_docs']:,} documents, {manifest['n_tokens']:,} tokens"
     )
+    similar = manifest.get("similar_dropped")
+    if similar is not None:
+        print(
+            f"near-identical responses (similarity >= {manifest['settings']['max_similarity']}): "
+            f"{similar['pairs']:,} pairs dropped, {similar['edited']:,} edited responses dropped"
+        )
     return 0
 
 
@@ -367,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--demo", choices=["sft", "preference"], default=None,
         help="build the stdlib demo set (functions from signature and docstring): OUT/train and OUT/heldout",
+    )  # fmt: skip
+    pr.add_argument(
+        "--max-similarity", type=float, default=None,
+        help="preference: drop pairs whose responses are at least this alike (difflib ratio of tokens; default 0.95)",
     )  # fmt: skip
     pr.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     pr.set_defaults(fn=_cmd_prepare)

@@ -118,3 +118,29 @@ def test_reward_model_has_a_scalar_head_and_no_logits():
     assert out.scores().shape == (4,)
     with pytest.raises(ValueError, match="scalar head"):
         out.logits()
+
+
+def test_prepare_drops_near_identical_responses_and_the_loader_reads_rankings(tmp_path):
+    import json
+
+    from llama3hp.data import prepare
+    from llama3hp.data.examples import ExampleLoader
+    from llama3hp.data.shards import TokenDataset
+
+    long = "The quick brown fox jumps over the lazy dog near the river bank at dawn."
+    rows = [
+        {"prompt": "a", "chosen": "Hello there!", "rejected": "Go away.", "edited": "Hello!"},
+        {"prompt": "b", "chosen": long, "rejected": long + " Yes."},  # near-identical: dropped
+        {"prompt": "c", "chosen": "same", "rejected": "same"},  # identical: dropped
+        {"prompt": "d", "chosen": "Blue", "rejected": "A number", "edited": "Blue "},  # edited = chosen
+    ]
+    src = tmp_path / "p.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    m = prepare([src], tmp_path / "out", format="preference", workers=1, max_similarity=0.9)
+    assert m["n_docs"] == 2 and m["similar_dropped"] == {"pairs": 2, "edited": 1}
+    assert m["settings"]["max_similarity"] == 0.9
+    ds = TokenDataset(tmp_path / "out")
+    b = ExampleLoader([ds], ranked=True).epoch_batches(1, 128)[0]
+    assert b.pairs is not None and b.pairs.shape[0] == 3 + 1  # a ranking of 3, then a pair
+    b = ExampleLoader([ds]).epoch_batches(1, 128)[0]  # DPO's reading: (chosen, rejected) only
+    assert b.pairs is not None and b.pairs.shape[0] == 2
