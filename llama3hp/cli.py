@@ -1,5 +1,5 @@
 """`llama3hp` command line: train, prepare, curate, evaluate, info, export, import, average, plan,
-generate, serve.
+rejection-sample, generate, serve.
 
 Every user error (`llama3hp.errors.UserError`: a bad config, data file, checkpoint or command line)
 prints ONE line `error: ...` on stderr and exits with code 2. Anything else is a bug: it keeps its
@@ -236,6 +236,28 @@ def _serve_options(a: argparse.Namespace):
     ).validate()  # fmt: skip
 
 
+def _cmd_rejection_sample(a: argparse.Namespace) -> int:
+    from llama3hp.posttrain.rejection import RejectionConfig, rejection_sample
+
+    cfg = RejectionConfig(
+        policy=a.policy, reward=a.reward, prompts=a.prompts, out=a.out, k=a.k, temperature=a.temperature,
+        top_p=a.top_p, max_tokens=a.max_tokens, system=a.system, seed=a.seed, keep_candidates=a.candidates,
+        limit=a.limit, prompts_per_batch=a.prompts_per_batch, share_prompt=not a.no_share, device=a.device,
+        kv_memory_gib=a.kv_memory_gib,
+    )  # fmt: skip
+    s = rejection_sample(cfg)
+    d = s.to_dict()
+    print(
+        f"{s.prompts} prompts written to {a.out} ({s.skipped_done} already there, {s.skipped_empty} with only "
+        f"empty samples); {s.responses} responses in {s.seconds:.1f} s ({d['responses_per_s']:.1f} responses/s, "
+        f"{d['tokens_per_s']:.0f} tokens/s); mean reward: kept {s.mean_reward_best:.3f}, a random sample "
+        f"{s.mean_reward_random:.3f}, all {s.mean_reward_all:.3f}",
+        file=sys.stderr,
+    )
+    print(json.dumps(d))
+    return 0
+
+
 def _cmd_generate(a: argparse.Namespace) -> int:
     _passive_openmp()
     import time
@@ -452,6 +474,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("plan_args", nargs=argparse.REMAINDER)
     pl.set_defaults(fn=_cmd_plan)
+
+    rs = sub.add_parser(
+        "rejection-sample", help="k samples per prompt from a policy, the reward model keeps the best (SFT rows)",
+        description="Sample k responses per prompt (the prompt's KV blocks shared), score them with a reward "
+        "model, append one SFT row per prompt with the best; resumable.",
+    )  # fmt: skip
+    rs.add_argument("--policy", required=True, help="the policy checkpoint (a language model)")
+    rs.add_argument("--reward", required=True, help="the reward model checkpoint (model.head=reward)")
+    rs.add_argument("--prompts", required=True, help='JSONL rows with "prompt" or "messages" (and "id")')
+    rs.add_argument("--out", required=True, help="output JSONL (appended row by row; a rerun resumes)")
+    rs.add_argument("--k", type=int, default=16, help="samples per prompt, 1 to 30 (default 16)")
+    rs.add_argument("--temperature", type=float, default=1.0)
+    rs.add_argument("--top-p", type=float, default=1.0)
+    rs.add_argument("--max-tokens", type=int, default=256, help="tokens per sample at most")
+    rs.add_argument("--system", default=None, help="a system prompt before every prompt (tone, format)")
+    rs.add_argument("--seed", type=int, default=0)
+    rs.add_argument("--candidates", action="store_true", help="also write every sample with its score")
+    rs.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    rs.add_argument("--prompts-per-batch", type=int, default=8, help="prompts sampled together")
+    rs.add_argument(
+        "--no-share", action="store_true", help="k requests per prompt instead of n=k (benchmark)"
+    )
+    rs.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    rs.add_argument("--kv-memory-gib", type=float, default=None, help="KV cache size (default 1 GiB on CPU)")
+    rs.set_defaults(fn=_cmd_rejection_sample)
 
     g = sub.add_parser("generate", help="generate text from a checkpoint (one prompt, KV-cache engine)")
     _add_model_flags(g)

@@ -144,3 +144,30 @@ def test_prepare_drops_near_identical_responses_and_the_loader_reads_rankings(tm
     assert b.pairs is not None and b.pairs.shape[0] == 3 + 1  # a ranking of 3, then a pair
     b = ExampleLoader([ds]).epoch_batches(1, 128)[0]  # DPO's reading: (chosen, rejected) only
     assert b.pairs is not None and b.pairs.shape[0] == 2
+
+
+def test_scorer_scores_packed_prompts_as_each_text_alone():
+    from llama3hp.data.tokenizer import Tokenizer
+    from llama3hp.inference.scoring import RewardScorer
+
+    model = _model().float()
+    model.args.vocab_size = V
+    tok = Tokenizer.load()
+
+    class SmallVocab:  # the tokenizer's ids folded into the small model's vocabulary
+        eot_id = 7
+        bos_id = 1
+        start_header_id, end_header_id = 2, 3
+
+        def encode(self, text):
+            return [t % V for t in tok.encode(text)]
+
+    scorer = RewardScorer(model, SmallVocab(), max_batch_tokens=40)  # type: ignore[arg-type]
+    groups = [("Say hi", ["Hello!", "Go away.", ""]), ("2+2?", ["4"]), ("Name a colour", ["Blue", "Red"])]
+    packed = scorer.score(groups, system="Be brief.")
+    for (prompt, responses), got in zip(groups, packed):
+        for r, s in zip(responses, got):
+            p_ids, (r_ids,) = scorer.encode(prompt, [r], system="Be brief.")
+            with torch.no_grad():
+                alone = model(torch.tensor([p_ids + r_ids])).scores()[-1].item()
+            assert abs(s - alone) < 1e-5, (prompt, r, s, alone)
