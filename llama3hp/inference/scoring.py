@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llama3hp.data.examples import build_batch, response_segments
+from llama3hp.data.examples import Segment, build_batch, response_segments
 from llama3hp.data.tokenizer import ChatFormat, Tokenizer
 from llama3hp.errors import UsageError
 from llama3hp.model.llama import Transformer
@@ -101,7 +101,8 @@ class RewardScorer:
 
     def _run(self, groups, row: list[int], out: list[list[float]]) -> None:
         """One packed row of the groups `row` through the model; their scores into `out`."""
-        examples, first, segment = [], [], 0
+        examples: list[tuple[list[Segment], int | None]] = []
+        first, segment = [], 0
         for g in row:
             p, rs = groups[g]
             zeros = [np.zeros(len(r), np.uint8) for r in rs]
