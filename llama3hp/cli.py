@@ -10,6 +10,7 @@ inside the subcommands so `llama3hp --help` answers at once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -308,7 +309,15 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
     opts = _serve_options(a)
     tokenizer = Tokenizer.load()
+    scorer = None
+    if a.reward:  # checked before anything is loaded: same tokenizer and vocabulary as the policy
+        from llama3hp.inference.scoring import RewardScorer
+        from llama3hp.posttrain.rejection import check_pair
+
+        check_pair(a.checkpoint, a.reward)
     engine, workers = start_engine(opts)
+    if a.reward:
+        scorer = RewardScorer.load(a.reward, device=engine.device, dtype=engine.cache.dtype)
     name = a.name or opts.model_name()
     args = engine.model.args
     print(
@@ -318,7 +327,12 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        serve(build_app(engine, tokenizer, name), a.host, a.port)
+        if scorer is not None:
+            print(
+                f"scoring with the reward model {a.reward} at http://{a.host}:{a.port}/v1/score", flush=True
+            )
+        reward_name = dataclasses.replace(opts, checkpoint=a.reward).model_name() if a.reward else "reward"
+        serve(build_app(engine, tokenizer, name, scorer, reward_name), a.host, a.port)
     finally:
         for p in workers:
             p.join(timeout=30)
@@ -521,6 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one process per GPU)")
     sv.add_argument("--name", default=None, help="the model name clients ask for (default: the run's name)")
+    sv.add_argument("--reward", default=None,
+                    help="also serve this reward model's scores at POST /v1/score (same tokenizer as --checkpoint)")  # fmt: skip
     sv.add_argument("--max-queued-requests", type=int, default=1024, help="waiting requests before 503")
     sv.set_defaults(fn=_cmd_serve)
     return p
