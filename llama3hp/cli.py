@@ -1,5 +1,5 @@
 """`llama3hp` command line: train, prepare, curate, evaluate, info, export, import, average, plan,
-generate, serve.
+rejection-sample, generate, serve.
 
 Every user error (`llama3hp.errors.UserError`: a bad config, data file, checkpoint or command line)
 prints ONE line `error: ...` on stderr and exits with code 2. Anything else is a bug: it keeps its
@@ -10,6 +10,7 @@ inside the subcommands so `llama3hp --help` answers at once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -82,13 +83,22 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
     missing = [str(p) for p in inputs if not p.exists()]
     if missing:
         raise UsageError(f"prepare: input not found: {missing[0]}")
+    if a.max_similarity is not None and a.format != "preference":
+        raise UsageError("prepare: --max-similarity applies to --format preference")
+    extra = {} if a.max_similarity is None else {"max_similarity": a.max_similarity}
     manifest = prepare(
         inputs, a.out, tokenizer_path=a.tokenizer, text_field=a.text_field, workers=a.workers, format=a.format,
-        overwrite=a.overwrite,
+        overwrite=a.overwrite, **extra,
     )  # fmt: skip
     print(
         f"prepared {len(inputs)} input(s) into {a.out}: {manifest['n_docs']:,} documents, {manifest['n_tokens']:,} tokens"
     )
+    similar = manifest.get("similar_dropped")
+    if similar is not None:
+        print(
+            f"near-identical responses (similarity >= {manifest['settings']['max_similarity']}): "
+            f"{similar['pairs']:,} pairs dropped, {similar['edited']:,} edited responses dropped"
+        )
     return 0
 
 
@@ -227,6 +237,28 @@ def _serve_options(a: argparse.Namespace):
     ).validate()  # fmt: skip
 
 
+def _cmd_rejection_sample(a: argparse.Namespace) -> int:
+    from llama3hp.posttrain.rejection import RejectionConfig, rejection_sample
+
+    cfg = RejectionConfig(
+        policy=a.policy, reward=a.reward, prompts=a.prompts, out=a.out, k=a.k, temperature=a.temperature,
+        top_p=a.top_p, max_tokens=a.max_tokens, system=a.system, seed=a.seed, keep_candidates=a.candidates,
+        limit=a.limit, prompts_per_batch=a.prompts_per_batch, share_prompt=not a.no_share, device=a.device,
+        kv_memory_gib=a.kv_memory_gib,
+    )  # fmt: skip
+    s = rejection_sample(cfg)
+    d = s.to_dict()
+    print(
+        f"{s.prompts} prompts written to {a.out} ({s.skipped_done} already there, {s.skipped_empty} with only "
+        f"empty samples); {s.responses} responses in {s.seconds:.1f} s ({d['responses_per_s']:.1f} responses/s, "
+        f"{d['tokens_per_s']:.0f} tokens/s); mean reward: kept {s.mean_reward_best:.3f}, a random sample "
+        f"{s.mean_reward_random:.3f}, all {s.mean_reward_all:.3f}",
+        file=sys.stderr,
+    )
+    print(json.dumps(d))
+    return 0
+
+
 def _cmd_generate(a: argparse.Namespace) -> int:
     _passive_openmp()
     import time
@@ -277,7 +309,15 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
     opts = _serve_options(a)
     tokenizer = Tokenizer.load()
+    scorer = None
+    if a.reward:  # checked before anything is loaded: same tokenizer and vocabulary as the policy
+        from llama3hp.inference.scoring import RewardScorer
+        from llama3hp.posttrain.rejection import check_pair
+
+        check_pair(a.checkpoint, a.reward)
     engine, workers = start_engine(opts)
+    if a.reward:
+        scorer = RewardScorer.load(a.reward, device=engine.device, dtype=engine.cache.dtype)
     name = a.name or opts.model_name()
     args = engine.model.args
     print(
@@ -287,7 +327,12 @@ def _cmd_serve(a: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        serve(build_app(engine, tokenizer, name), a.host, a.port)
+        if scorer is not None:
+            print(
+                f"scoring with the reward model {a.reward} at http://{a.host}:{a.port}/v1/score", flush=True
+            )
+        reward_name = dataclasses.replace(opts, checkpoint=a.reward).model_name() if a.reward else "reward"
+        serve(build_app(engine, tokenizer, name, scorer, reward_name), a.host, a.port)
     finally:
         for p in workers:
             p.join(timeout=30)
@@ -368,6 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--demo", choices=["sft", "preference"], default=None,
         help="build the stdlib demo set (functions from signature and docstring): OUT/train and OUT/heldout",
     )  # fmt: skip
+    pr.add_argument(
+        "--max-similarity", type=float, default=None,
+        help="preference: drop pairs whose responses are at least this alike (difflib ratio of tokens; default 0.95)",
+    )  # fmt: skip
     pr.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     pr.set_defaults(fn=_cmd_prepare)
 
@@ -440,6 +489,31 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("plan_args", nargs=argparse.REMAINDER)
     pl.set_defaults(fn=_cmd_plan)
 
+    rs = sub.add_parser(
+        "rejection-sample", help="k samples per prompt from a policy, the reward model keeps the best (SFT rows)",
+        description="Sample k responses per prompt (the prompt's KV blocks shared), score them with a reward "
+        "model, append one SFT row per prompt with the best; resumable.",
+    )  # fmt: skip
+    rs.add_argument("--policy", required=True, help="the policy checkpoint (a language model)")
+    rs.add_argument("--reward", required=True, help="the reward model checkpoint (model.head=reward)")
+    rs.add_argument("--prompts", required=True, help='JSONL rows with "prompt" or "messages" (and "id")')
+    rs.add_argument("--out", required=True, help="output JSONL (appended row by row; a rerun resumes)")
+    rs.add_argument("--k", type=int, default=16, help="samples per prompt, 1 to 30 (default 16)")
+    rs.add_argument("--temperature", type=float, default=1.0)
+    rs.add_argument("--top-p", type=float, default=1.0)
+    rs.add_argument("--max-tokens", type=int, default=256, help="tokens per sample at most")
+    rs.add_argument("--system", default=None, help="a system prompt before every prompt (tone, format)")
+    rs.add_argument("--seed", type=int, default=0)
+    rs.add_argument("--candidates", action="store_true", help="also write every sample with its score")
+    rs.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    rs.add_argument("--prompts-per-batch", type=int, default=8, help="prompts sampled together")
+    rs.add_argument(
+        "--no-share", action="store_true", help="k requests per prompt instead of n=k (benchmark)"
+    )
+    rs.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    rs.add_argument("--kv-memory-gib", type=float, default=None, help="KV cache size (default 1 GiB on CPU)")
+    rs.set_defaults(fn=_cmd_rejection_sample)
+
     g = sub.add_parser("generate", help="generate text from a checkpoint (one prompt, KV-cache engine)")
     _add_model_flags(g)
     g.add_argument("--prompt", required=True, help="the prompt text")
@@ -461,6 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one process per GPU)")
     sv.add_argument("--name", default=None, help="the model name clients ask for (default: the run's name)")
+    sv.add_argument("--reward", default=None,
+                    help="also serve this reward model's scores at POST /v1/score (same tokenizer as --checkpoint)")  # fmt: skip
     sv.add_argument("--max-queued-requests", type=int, default=1024, help="waiting requests before 503")
     sv.set_defaults(fn=_cmd_serve)
     return p

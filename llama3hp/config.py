@@ -364,6 +364,11 @@ def validate(job: JobConfig, *, dp_size: int = 1) -> None:
             f"fp8.recipe={job.fp8.recipe} with training.activation_checkpointing={t.activation_checkpointing}: "
             "not supported with Transformer Engine recipes; use fp8.recipe=rowwise"
         )
+    if (job.posttrain.objective == "reward") != (job.model.head == "reward"):
+        raise ConfigError(
+            f"posttrain.objective={job.posttrain.objective} with model.head={job.model.head}: a reward model "
+            "needs both (posttrain.objective=reward and model.head=reward), other objectives the lm head"
+        )
     if not job.data.datasets:
         raise ConfigError("data.datasets is empty: give at least one prepared dataset folder (or '@stdlib')")
 

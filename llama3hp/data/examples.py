@@ -17,9 +17,15 @@ Preference pairs (`pack_pairs`):
 - "separate": [prompt chosen] and [prompt rejected] as two segments (the prompt computed twice).
 `Batch.pairs` holds each pair's (chosen, rejected) segments and `Batch.pair_ids` its sample id.
 
+Rankings (`ranked`, what a reward model reads): a row with an "edited" response is the ranking
+edited > chosen > rejected, packed as one example [prompt[:-1] | edited | chosen | rejected] (each
+response sharing the prompt, or each after its own copy of it) and expanded into its three ordered
+pairs (edited, chosen), (edited, rejected), (chosen, rejected); rows without one stay pairs.
+
 An example longer than a row (`too_long`): "truncate" cuts the conversation at the row length (an
 SFT conversation whose kept part trains nothing is dropped) or shortens the longer response of a
-pair until the pair fits, keeping at least one token of each; "drop" skips it. Either way the
+pair (the longest response of a ranking, in turn) until it fits, keeping at least one token of each;
+"drop" skips it. Either way the
 counts are reported once per row length (`too_long_report`).
 
 Data parallelism and resume: the loader packs GLOBAL rows, rank r taking rows [r*rows, (r+1)*rows)
@@ -54,28 +60,45 @@ PAD_ID = 128004  # <|finetune_right_pad_id|>: padding inputs, never a target
 
 @dataclass
 class Segment:
-    """One segment of a row: its tokens and roles (uint8) and, in a pair, its part."""
+    """One segment of a row: its tokens and roles (uint8) and, for a response, its rank."""
 
     ids: np.ndarray
     roles: np.ndarray
     prefix: int = -1  # index (within the example) of the segment it shares as prefix
     last_target: int = IGNORE_INDEX  # the target of its last token (the next token, when it continues)
+    rank: int = -1  # a response's place in its example's ranking (0 = best); -1: not a response
+
+
+def response_segments(p_ids, p_roles, responses, shared_prompt: bool) -> list[Segment]:
+    """A ranked example's segments (module docstring): [prompt[:-1]], then [prompt[-1] response] for
+    each of `responses` (a list of (ids, roles) arrays, best first) with the first segment as their
+    shared prefix; or [prompt response] for each. Response i gets rank i."""
+    if shared_prompt:
+        last_id, last_role = p_ids[-1:], p_roles[-1:]
+        return [Segment(p_ids[:-1], p_roles[:-1], last_target=int(p_ids[-1]))] + [
+            Segment(np.concatenate([last_id, ids]), np.concatenate([last_role, roles]), prefix=0, rank=i)
+            for i, (ids, roles) in enumerate(responses)
+        ]
+    return [
+        Segment(np.concatenate([p_ids, ids]), np.concatenate([p_roles, roles]), rank=i)
+        for i, (ids, roles) in enumerate(responses)
+    ]
 
 
 def pair_segments(p_ids, p_roles, c_ids, c_roles, r_ids, r_roles, shared_prompt: bool) -> list[Segment]:
-    """A pair's segments (module docstring): [prompt[:-1]], [prompt[-1] chosen], [prompt[-1] rejected]
-    with the first shared by the others, or [prompt chosen], [prompt rejected]. Arrays of ids and roles."""
-    if shared_prompt:
-        last_id, last_role = p_ids[-1:], p_roles[-1:]
-        return [
-            Segment(p_ids[:-1], p_roles[:-1], last_target=int(p_ids[-1])),
-            Segment(np.concatenate([last_id, c_ids]), np.concatenate([last_role, c_roles]), prefix=0),
-            Segment(np.concatenate([last_id, r_ids]), np.concatenate([last_role, r_roles]), prefix=0),
-        ]
-    return [
-        Segment(np.concatenate([p_ids, c_ids]), np.concatenate([p_roles, c_roles])),
-        Segment(np.concatenate([p_ids, r_ids]), np.concatenate([p_roles, r_roles])),
-    ]
+    """A pair's segments: [prompt[:-1]], [prompt[-1] chosen], [prompt[-1] rejected] with the first
+    shared by the others, or [prompt chosen], [prompt rejected]. Arrays of ids and roles."""
+    return response_segments(p_ids, p_roles, [(c_ids, c_roles), (r_ids, r_roles)], shared_prompt)
+
+
+def fit_lengths(fixed: int, lengths: list[int], seq_len: int) -> list[int]:
+    """Response lengths that fit `fixed` + their sum into seq_len, shortening the longest (the first
+    of equals) in turn and keeping at least one token of each; the sum may still not fit."""
+    lengths = list(lengths)
+    while fixed + sum(lengths) > seq_len and max(lengths) > 1:
+        i = lengths.index(max(lengths))
+        lengths[i] = max(1, lengths[i] - (fixed + sum(lengths) - seq_len))
+    return lengths
 
 
 class ExampleLoader:
@@ -90,6 +113,7 @@ class ExampleLoader:
         dp_size: int = 1,
         pack_pairs: str = "shared_prompt",
         too_long: str = "truncate",
+        ranked: bool = False,
     ):
         kinds = {ds.kind for ds in datasets}
         if len(kinds) != 1 or kinds & {"pretrain"}:
@@ -105,7 +129,7 @@ class ExampleLoader:
             raise DataError(f"need 0 <= dp_rank < dp_size, got dp_rank={dp_rank} dp_size={dp_size}")
         self.datasets, self.kind = datasets, kinds.pop()
         self.seed, self.dp_rank, self.dp_size = seed, dp_rank, dp_size
-        self.pack_pairs, self.too_long = pack_pairs, too_long
+        self.pack_pairs, self.too_long, self.ranked = pack_pairs, too_long, ranked
         # Example e is document local[e] of dataset which[e].
         self.which = np.concatenate([np.full(ds.n_docs, i, np.int64) for i, ds in enumerate(datasets)])
         self.local = np.concatenate([np.arange(ds.n_docs, dtype=np.int64) for ds in datasets])
@@ -131,23 +155,31 @@ class ExampleLoader:
                 # Keep seq_len + 1 tokens: the last one is only a target.
                 return [Segment(ids[:seq_len], roles[:seq_len], last_target=int(ids[seq_len]))], None
             return [Segment(ids, roles)], None
+        sid, P, bounds = self._parts(ds, doc)
+        fixed, lengths = self._fixed(P, len(bounds)), [b - a for a, b in bounds]
+        if self.too_long == "truncate":
+            lengths = fit_lengths(fixed, lengths, seq_len)
+        if fixed + sum(lengths) > seq_len:
+            return None
+        responses = [(ids[a : a + n], roles[a : a + n]) for (a, _), n in zip(bounds, lengths)]
+        segs = response_segments(ids[:P], roles[:P], responses, self.pack_pairs == "shared_prompt")
+        return segs, sid
+
+    def _parts(self, ds: TokenDataset, doc: int) -> tuple[int, int, list[tuple[int, int]]]:
+        """(sample id, prompt length, [(start, end)] of each response best first) of a preference
+        document [prompt | chosen | rejected | edited]: (chosen, rejected), or with `ranked` and an
+        edited response (edited, chosen, rejected)."""
         assert ds.pairs is not None
         sid, P, C, R = (int(x) for x in ds.pairs[doc])
-        parts = [(ids[a:b], roles[a:b]) for a, b in ((0, P), (P, P + C), (P + C, P + C + R))]
-        (p_ids, p_roles), (c_ids, c_roles), (r_ids, r_roles) = parts
-        fixed = P + 1 if self.pack_pairs == "shared_prompt" else 2 * P
-        while fixed + C + R > seq_len and self.too_long == "truncate" and max(C, R) > 1:
-            if C >= R:
-                C = max(1, C - (fixed + C + R - seq_len))
-            else:
-                R = max(1, R - (fixed + C + R - seq_len))
-        if fixed + C + R > seq_len:
-            return None
-        c_ids, c_roles, r_ids, r_roles = c_ids[:C], c_roles[:C], r_ids[:R], r_roles[:R]
-        segs = pair_segments(
-            p_ids, p_roles, c_ids, c_roles, r_ids, r_roles, self.pack_pairs == "shared_prompt"
-        )
-        return segs, sid
+        E = int(ds.doc_lens[doc]) - P - C - R
+        bounds = [(P, P + C), (P + C, P + C + R)]
+        if self.ranked and E > 0:
+            bounds.insert(0, (P + C + R, P + C + R + E))
+        return sid, P, bounds
+
+    def _fixed(self, P: int, k: int) -> int:
+        """Tokens of an example of prompt length P and k responses that are not response tokens."""
+        return P + 1 if self.pack_pairs == "shared_prompt" else k * P
 
     def example_length(self, e: int, seq_len: int) -> int | None:
         got = self.example(e, seq_len)
@@ -161,9 +193,8 @@ class ExampleLoader:
                 ds, doc = self.datasets[int(self.which[e])], int(self.local[e])
                 n = int(ds.doc_lens[doc])
                 if self.kind == "preference":
-                    assert ds.pairs is not None
-                    _, P, C, R = (int(x) for x in ds.pairs[doc])
-                    n = (P + 1 if self.pack_pairs == "shared_prompt" else 2 * P) + C + R
+                    _, P, bounds = self._parts(ds, doc)
+                    n = self._fixed(P, len(bounds)) + sum(b - a for a, b in bounds)
                 if n > seq_len:
                     if self.example(e, seq_len) is None:
                         dropped += 1
@@ -287,7 +318,8 @@ def build_batch(
     pad_id: int = PAD_ID,
 ) -> Batch:
     """The Batch of packed rows: each row a list of examples (segments, sample id or None), padded to
-    seq_len with pad_id; with preference, each example's last two segments are its (chosen, rejected)."""
+    seq_len with pad_id; with preference, each example's responses (the segments with a rank) give
+    every ordered pair (better, worse): (chosen, rejected), or the k(k-1)/2 pairs of a ranking."""
     B, T = len(rows), seq_len
     inputs = np.full((B, T), pad_id, np.int64)
     targets = np.full((B, T), IGNORE_INDEX, np.int64)
@@ -309,9 +341,12 @@ def build_batch(
                 prefix.append(first + s.prefix if s.prefix >= 0 else -1)
                 pos += n
                 cu.append(r * T + pos)
-            if sid is not None:
-                pairs.append((len(cu) - 3, len(cu) - 2))  # the last two segments: chosen, rejected
-                pair_ids.append(sid)
+            if sid is not None:  # every ordered pair of its responses, (better, worse)
+                ranked = sorted((s.rank, first + i) for i, s in enumerate(segs) if s.rank >= 0)
+                for i, (_, better) in enumerate(ranked):
+                    for _, worse in ranked[i + 1 :]:
+                        pairs.append((better, worse))
+                        pair_ids.append(sid)
         if pos < T:  # padding: a segment of its own, never trained
             prefix.append(-1)
             cu.append((r + 1) * T)

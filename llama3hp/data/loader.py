@@ -418,13 +418,20 @@ class PackedLoader:
 
 
 def build_loader(
-    cfg: DataConfig, *, dp_rank: int = 0, dp_size: int = 1, tokenizer_sha256: str | None = None
+    cfg: DataConfig,
+    *,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    tokenizer_sha256: str | None = None,
+    ranked: bool = False,
 ) -> PackedLoader | ExampleLoader:
     """Open cfg.datasets (checked against the run's tokenizer) and return this rank's loader: the
     packed token stream for pre-training data, whole examples for post-training data (`kind` in the
     manifest: sft, preference).
 
     `tokenizer_sha256` defaults to the sha256 of cfg.tokenizer_path (the packaged Llama 3 file when None).
+    `ranked`: preference rows with an edited response are read as the ranking edited > chosen >
+    rejected (a reward model's data); otherwise as (chosen, rejected).
     """
     if not cfg.datasets:
         raise DataError(
@@ -440,7 +447,7 @@ def build_loader(
             )
         return ExampleLoader(
             datasets, seed=cfg.seed, dp_rank=dp_rank, dp_size=dp_size, pack_pairs=cfg.pack_pairs,
-            too_long=cfg.too_long,
+            too_long=cfg.too_long, ranked=ranked,
         )  # fmt: skip
     weights = resolve_weights(specs, [ds.n_tokens for ds in datasets])
     return PackedLoader(datasets, weights, seed=cfg.seed, dp_rank=dp_rank, dp_size=dp_size)

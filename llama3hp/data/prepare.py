@@ -17,6 +17,7 @@ of workers. Directories are walked recursively in sorted order for the text exte
 from __future__ import annotations
 
 import argparse
+import difflib
 import hashlib
 import logging
 import multiprocessing as mp
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from llama3hp.data.chat import encode_preference, encode_sft
+from llama3hp.data.chat import Tokens, encode_preference, encode_sft
 from llama3hp.data.errors import DataError
 from llama3hp.data.readers import (
     DEFAULT_EXTENSIONS,
@@ -55,6 +56,8 @@ from llama3hp.data.tokenizer import ChatFormat, Tokenizer
 __all__ = ["prepare", "default_corpus_files", "CorpusFiles", "DEFAULT_EXTENSIONS", "FORMATS"]
 
 FORMATS = ("text", "sft", "preference")
+# Preference pairs whose responses are at least this alike (difflib ratio of their tokens) are dropped.
+MAX_SIMILARITY = 0.95
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +98,22 @@ def default_corpus_files() -> CorpusFiles:
     return files
 
 
-def _encode_chat_task(tok: Tokenizer, task: Task, fmt: str) -> tuple[np.ndarray, ...]:
-    """(tokens uint32, doc lengths int64, roles uint8, pair rows int64 [n, 4] with sample id -1)."""
+def response_similarity(a: Tokens, b: Tokens) -> float:
+    """How alike two responses are: difflib's ratio 2M/(|a|+|b|) of their token ids (M the tokens of
+    their longest matching blocks); 1.0 for identical responses."""
+    return difflib.SequenceMatcher(None, a.ids, b.ids, autojunk=False).ratio()
+
+
+def _encode_chat_task(tok: Tokenizer, task: Task, fmt: str, max_similarity: float = 1.0) -> tuple:
+    """(tokens uint32, doc lengths int64, roles uint8, pair rows int64 [n, 4] with sample id -1,
+    {"pairs", "edited"}: rows dropped and edited responses dropped as near-identical)."""
     if task.kind != "jsonl":
         raise DataError(f"input {task.path} is not JSONL: --format {fmt} reads .jsonl rows")
     chat = ChatFormat(tok)
     ids: list[int] = []
     roles: list[int] = []
     lens, pairs = [], []
+    similar = {"pairs": 0, "edited": 0}
     for where, row in read_jsonl_objects(task):
         if fmt == "sft":
             t = encode_sft(chat, row, where)
@@ -111,6 +122,18 @@ def _encode_chat_task(tok: Tokenizer, task: Task, fmt: str) -> tuple[np.ndarray,
             lens.append(len(t))
             continue
         p = encode_preference(chat, row, where)
+        # The paper drops pairs whose responses are too alike to teach a preference: a pair whose
+        # chosen and rejected responses are, and an edited response too close to either.
+        if response_similarity(p.chosen, p.rejected) >= max_similarity:
+            similar["pairs"] += 1
+            continue
+        if (
+            p.edited is not None
+            and max(response_similarity(p.edited, p.chosen), response_similarity(p.edited, p.rejected))
+            >= max_similarity
+        ):
+            similar["edited"] += 1
+            p.edited = None
         parts = [p.prompt, p.chosen, p.rejected] + ([p.edited] if p.edited is not None else [])
         for part in parts:
             ids += part.ids
@@ -119,7 +142,7 @@ def _encode_chat_task(tok: Tokenizer, task: Task, fmt: str) -> tuple[np.ndarray,
         pairs.append([-1, len(p.prompt), len(p.chosen), len(p.rejected)])
     return (
         np.asarray(ids, dtype=np.uint32), np.asarray(lens, dtype=np.int64), np.asarray(roles, dtype=np.uint8),
-        np.asarray(pairs, dtype=np.int64).reshape(-1, 4),
+        np.asarray(pairs, dtype=np.int64).reshape(-1, 4), similar,
     )  # fmt: skip
 
 
@@ -144,38 +167,44 @@ def _encode_task(
     return tokens, np.asarray(lens, dtype=np.int64), empty, sha
 
 
-_worker: tuple[Tokenizer, str, str] | None = None  # (tokenizer, text field, format) of a pool process
+# (tokenizer, text field, format, max similarity) of a pool process
+_worker: tuple[Tokenizer, str, str, float] | None = None
 
 
-def _init_worker(tok: Tokenizer, text_field: str, fmt: str = "text") -> None:
+def _init_worker(tok: Tokenizer, text_field: str, fmt: str = "text", max_similarity: float = 1.0) -> None:
     global _worker
-    _worker = (tok, text_field, fmt)
+    _worker = (tok, text_field, fmt, max_similarity)
 
 
 def _run_task(task: Task) -> tuple:
     assert _worker is not None
-    tok, text_field, fmt = _worker
+    tok, text_field, fmt, max_similarity = _worker
     if fmt != "text":
-        return (task.index, *_encode_chat_task(tok, task, fmt))
+        return (task.index, *_encode_chat_task(tok, task, fmt, max_similarity))
     return (task.index, *_encode_task(tok, task, text_field))
 
 
 def _results(
-    tasks: list[Task], tok: Tokenizer, text_field: str, workers: int, fmt: str = "text"
+    tasks: list[Task],
+    tok: Tokenizer,
+    text_field: str,
+    workers: int,
+    fmt: str = "text",
+    max_similarity: float = 1.0,
 ) -> Iterator[tuple]:
     """Encoded tasks in task order, from `workers` processes.
 
     Processes, not threads: tiktoken 0.14 holds the GIL while it encodes (two threads measured no
     faster than one on the stdlib corpus). fork lets workers inherit the loaded tokenizer.
     """
-    _init_worker(tok, text_field, fmt)
+    _init_worker(tok, text_field, fmt, max_similarity)
     if workers == 1 or len(tasks) < 2:
         yield from map(_run_task, tasks)
         return
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     chunk = max(1, min(16, len(tasks) // (8 * workers)))
     with mp.get_context(method).Pool(
-        workers, initializer=_init_worker, initargs=(tok, text_field, fmt)
+        workers, initializer=_init_worker, initargs=(tok, text_field, fmt, max_similarity)
     ) as pool:
         yield from pool.imap(_run_task, tasks, chunksize=chunk)
 
@@ -191,11 +220,17 @@ def prepare(
     extensions: Sequence[str] = DEFAULT_EXTENSIONS,
     overwrite: bool = False,
     format: str = "text",
+    max_similarity: float = MAX_SIMILARITY,
 ) -> dict[str, Any]:
     """Tokenise `inputs` (files, directories, .jsonl) into `out_dir`; returns the manifest dict.
-    format: "text" (pre-training documents), "sft" or "preference" (JSONL rows, module docstring)."""
+    format: "text" (pre-training documents), "sft" or "preference" (JSONL rows, module docstring).
+    max_similarity (preference): a pair whose responses are at least this alike
+    (`response_similarity`) is dropped, and so is an edited response that close to either; the
+    counts are the manifest's `similar_dropped`."""
     if workers < 1:
         raise DataError(f"workers must be >= 1, got {workers}")
+    if not 0.0 < max_similarity <= 1.0:
+        raise DataError(f"max_similarity must be in (0, 1], got {max_similarity}")
     if format not in FORMATS:
         raise DataError(f"unknown format {format!r}: use one of {', '.join(FORMATS)}")
     kind = "pretrain" if format == "text" else format
@@ -219,7 +254,8 @@ def prepare(
         writer = ShardWriter(tmp, shard_tokens, kind)
         per_input = [{"path": str(f), "n_docs": 0, "n_tokens": 0} for f in files]
         skipped_empty = 0
-        for index, tokens, lens, *rest in _results(tasks, tok, text_field, workers, format):
+        similar = {"pairs": 0, "edited": 0}
+        for index, tokens, lens, *rest in _results(tasks, tok, text_field, workers, format, max_similarity):
             if kind == "pretrain":
                 empty, sha = rest
                 writer.add(tokens, lens)
@@ -227,7 +263,9 @@ def prepare(
                 if sha is not None:
                     input_sha[index] = sha
             else:
-                roles, pairs = rest
+                roles, pairs, dropped = rest
+                for k, v in dropped.items():
+                    similar[k] += v
                 pairs[:, 0] = writer.n_docs + np.arange(len(pairs))  # sample id: the pair's document
                 writer.add(tokens, lens, roles, pairs if kind == "preference" else None)
             per_input[index]["n_docs"] += int(lens.size)
@@ -249,8 +287,16 @@ def prepare(
             },
             inputs=per_input,
             # `workers` is left out on purpose: it does not change a single output byte.
-            settings={"text_field": text_field, "shard_tokens": int(shard_tokens), "extensions": list(exts)},
-            extra={"skipped_empty_docs": skipped_empty},
+            settings={
+                "text_field": text_field,
+                "shard_tokens": int(shard_tokens),
+                "extensions": list(exts),
+                **({"max_similarity": max_similarity} if kind == "preference" else {}),
+            },
+            extra={
+                "skipped_empty_docs": skipped_empty,
+                **({"similar_dropped": similar} if kind == "preference" else {}),
+            },
             kind=kind,
         )
         write_json_atomic(tmp / "manifest.json", manifest)

@@ -49,9 +49,9 @@ class CachedAttention(nn.Module):
     def forward(self, x_BTD, positions_BT, inv_freq, cu_seqlens=None, max_seqlen=None, doc_prefix=None):
         """x: [1, N, D] the step's packed tokens; positions_BT [1, N] their positions in their
         sequences. cu_seqlens / max_seqlen / doc_prefix (the training forward's document mask and
-        shared prefixes) are unused: the step's `AttentionMetadata` says what each token attends to
-        (a prompt shared by n samples is shared through the cache's copy-on-write blocks)."""
-        assert doc_prefix is None, "serving shares prompts through the KV cache, not a document prefix"
+        shared prefixes, passed by every block) are unused: the step's `AttentionMetadata` says what
+        each token attends to (the n samples of a prompt share its blocks)."""
+        assert doc_prefix is None, "a serving step has no shared-prefix segments"
         meta = self.cache.meta
         assert meta is not None, "bind the step's AttentionMetadata to the cache before the forward"
         q, k, v = self.tp.column(x_BTD, [self.wq, self.wk, self.wv], grouped=True)

@@ -99,6 +99,11 @@ class LLMEngine:
     ):
         self.config = config = config or EngineConfig()
         args = model.args
+        if args.head != "lm":
+            raise UserError(
+                "this checkpoint is a reward model (model.head=reward): it scores responses and generates "
+                "nothing; serve or sample from a language model, score with llama3hp.inference.scoring"
+            )
         tp = 1 if group is None else dist.get_world_size(group)
         self.device = model.norm.weight.device if model.norm is not None else torch.device("cpu")
         dtype = config.amp_dtype or (model.norm.weight.dtype if model.norm is not None else torch.float32)
@@ -117,6 +122,7 @@ class LLMEngine:
         )
         self.stop_ids = set(config.stop_token_ids)
         self.stats = EngineStats()
+        self.kv_blocks_peak = 0  # the most KV blocks in use after any step's forward
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._pending = 0  # requests in the inbox or waiting for admission (read by other threads)
 
@@ -208,6 +214,7 @@ class LLMEngine:
             where = {r: i for i, r in enumerate(distinct)}
             logits = logits.index_select(0, torch.tensor([where[r] for r in rows], device=logits.device))
         tokens = sample(logits, params, gens)
+        self.kv_blocks_peak = max(self.kv_blocks_peak, self.scheduler.allocator.n_used)
         now = time.monotonic()
         for seq in self.scheduler.update(plan, tokens, self.stop_ids, self.max_model_len):
             tok = seq.tokens[-1]

@@ -129,6 +129,23 @@ class ChatRequest(_Common):
         return [{"role": m.role, "content": m.text()} for m in self.messages]
 
 
+class ScoreRequest(BaseModel):
+    """POST /v1/score (an extension; served when the server has a reward model): the reward model's
+    score of each response to one prompt, a user message or the messages before the reply."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | list[ChatMessage]
+    responses: list[str] = Field(min_length=1, max_length=128)
+    system: str | None = None
+
+    def prompt_messages(self) -> str | list[dict[str, str]]:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        return [{"role": m.role, "content": m.text()} for m in self.prompt]
+
+
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code: int = 400):
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 

@@ -2,7 +2,9 @@
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (the Llama 3 chat format with its
 header and <|eot_id|> tokens, `llama3hp.data.tokenizer.ChatFormat`), GET /v1/models, /health and
-/metrics (Prometheus text).
+/metrics (Prometheus text); with a reward model (`serve --reward CKPT`), POST /v1/score: the reward
+model's scores of (prompt, responses), `llama3hp.inference.scoring.RewardScorer`, one request at a
+time on a worker thread so the event loop and the generation engine go on.
 
 Threads: the engine loop (`AsyncEngine`) runs on a thread of its own and only moves token ids: it
 takes requests and aborts from a thread-safe inbox and hands each step's tokens to the asyncio
@@ -46,12 +48,14 @@ from llama3hp.inference.engine import LLMEngine, QueueFull, TokenOutput
 from llama3hp.inference.protocol import (
     ChatRequest,
     CompletionRequest,
+    ScoreRequest,
     error_body,
     new_id,
     now,
     usage,
 )
 from llama3hp.inference.sampling import SamplingParams
+from llama3hp.inference.scoring import RewardScorer
 
 DISCONNECT_POLL_S = 0.05  # how often a non-streamed request checks that its client is still there
 
@@ -278,9 +282,14 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", param
     return JSONResponse(error_body(message, kind, param, status), status_code=status)
 
 
-def build_app(engine: LLMEngine, tokenizer: Tokenizer, model_name: str) -> FastAPI:
-    """The FastAPI app serving `engine` under `model_name`; the engine thread starts with the app."""
+def build_app(
+    engine: LLMEngine, tokenizer: Tokenizer, model_name: str, scorer: RewardScorer | None = None,
+    reward_name: str = "reward",
+) -> FastAPI:  # fmt: skip
+    """The FastAPI app serving `engine` under `model_name` (and `scorer` under `reward_name` at
+    /v1/score); the engine thread starts with the app."""
     state = ServerState(engine, tokenizer, model_name)
+    score_lock = asyncio.Lock()  # the reward model scores one request at a time
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -448,6 +457,27 @@ def build_app(engine: LLMEngine, tokenizer: Tokenizer, model_name: str) -> FastA
             "choices": [{"index": c.sample, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
                          "finish_reason": _finish(c.finish_reason)} for c in gen.choices],
             "usage": usage(gen.prompt_tokens, gen.completion_tokens),
+        }  # fmt: skip
+
+    @app.post("/v1/score")
+    async def score(body: ScoreRequest):
+        if scorer is None:
+            return _error(404, "this server has no reward model: start it with serve --reward CKPT",
+                          "not_found_error")  # fmt: skip
+        if body.model is not None and body.model != reward_name:
+            return _error(404, f"reward model {body.model!r} is not served here: use {reward_name!r}",
+                          "not_found_error", "model")  # fmt: skip
+        try:
+            ids = scorer.encode(body.prompt_messages(), body.responses, body.system)
+            async with score_lock:
+                (scores,) = await asyncio.to_thread(scorer.score_ids, [ids])
+        except UserError as e:
+            return user_error(e)
+        tokens = len(ids[0]) + sum(len(r) for r in ids[1])
+        return {
+            "object": "list", "model": reward_name, "created": now(),
+            "data": [{"object": "score", "index": i, "score": s} for i, s in enumerate(scores)],
+            "usage": usage(tokens, 0),
         }  # fmt: skip
 
     return app

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from llama3hp.errors import ConfigError
 from llama3hp.kernels.dispatch import check_backend
 
+HEADS = ("lm", "reward")
+
 
 @dataclass
 class KernelConfig:
@@ -50,6 +52,9 @@ class ModelArgs:
     doc_positions: bool = True  # RoPE positions restart at 0 in every packed document
     tie_embeddings: bool = False  # share the output head with the token embedding (Llama 3.2 1B/3B)
     init_std: float = 0.02  # std of the normal initialisation
+    # "lm": the output head projects to the vocabulary; "reward": a scalar value head (one row, D
+    # weights: `output.score`) read at the last token of each response (a reward model)
+    head: str = "lm"
     kernels: KernelConfig = field(default_factory=KernelConfig)  # fused-op implementations
 
     @property
@@ -77,6 +82,8 @@ class ModelArgs:
             ),
             (self.head_dim % 2 == 0, f"head_dim ({self.head_dim}) must be even for RoPE"),
             (self.vocab_size > 0 and self.multiple_of > 0, "vocab_size and multiple_of must be positive"),
+            (self.head in HEADS, f"head must be one of {', '.join(HEADS)}, got '{self.head}'"),
+            (self.head == "lm" or not self.tie_embeddings, "a reward head cannot tie to the embedding"),
             (
                 not self.rope_scaling or self.rope_high_freq_factor > self.rope_low_freq_factor,
                 "rope_high_freq_factor must exceed rope_low_freq_factor",

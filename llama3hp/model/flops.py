@@ -27,8 +27,10 @@ def block_matmul_params(args: ModelArgs) -> int:
 
 
 def matmul_params(args: ModelArgs) -> int:
-    """Parameters that take part in matmuls: every linear of the blocks plus the output head (tied or not)."""
-    return args.n_layers * block_matmul_params(args) + args.dim * args.vocab_size
+    """Parameters that take part in matmuls: every linear of the blocks plus the output head (tied or
+    not; a reward model's head is one row of dim)."""
+    head = args.dim * (1 if args.head == "reward" else args.vocab_size)
+    return args.n_layers * block_matmul_params(args) + head
 
 
 def attention_pairs_per_token(seq_len: int, doc_lens: Sequence[int] | None = None) -> float:

@@ -11,6 +11,12 @@ four methods a `HeadOutput` calls: `cross_entropy`, `token_logprobs` (the fused 
 kernel, `kernels/logprobs.py`, vocab-parallel under TP), `logits` and `reduce_documents`. So the model's
 forward, and every objective, is the same on one process and on any layout.
 
+A reward model (`ModelArgs.head = "reward"`) has a `RewardHead` instead: one [1, D] row
+(`output.score`) that turns each final hidden state into a scalar (`HeadOutput.scores`); its
+objective reads the score of the last token of each response (`llama3hp.posttrain.reward`). On a
+mesh `llama3hp.parallel.vocab_parallel.ParallelRewardHead` replaces it (the row replicated over TP,
+the scores of the sequence shards gathered).
+
 Shape legend: B rows, T tokens per row (a rank's local tokens under CP), D model dim, V vocabulary
 (the local shard under TP), N = B*T.
 """
@@ -89,12 +95,56 @@ class OutputHead(nn.Module):
         """Per-document sums [n_docs] of this rank's tokens -> over every token (one process: all)."""
         return sums
 
+    def scores(self, h: torch.Tensor) -> torch.Tensor:
+        raise ValueError(
+            "this model has a language-model head, not a reward head: build it with model.head=reward"
+        )
+
+
+def score_matmul(h: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """h [..., D] @ score[1, D].T -> [..., 1] in fp32 at least (float64 stays float64), autocast or not."""
+    dt = torch.promote_types(h.dtype, torch.float32)
+    with torch.autocast(h.device.type, enabled=False):
+        return h.to(dt) @ score.to(dt).t()
+
+
+class RewardHead(nn.Module):
+    """A reward model's head: `score` [1, D] (the parameter output.score) maps each final hidden
+    state to a scalar. It replaces the [V, D] projection, so a reward model has no logits."""
+
+    def __init__(self, score: torch.Tensor):
+        super().__init__()
+        self.score = score if isinstance(score, nn.Parameter) else nn.Parameter(score)
+
+    def forward(self, h: torch.Tensor) -> HeadOutput:
+        """h: [B, T, D] final normed hidden states."""
+        return HeadOutput(self, h)
+
+    def scores(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 [N]: each token's score h·w, in fp32 (a D-long dot product per token; under autocast
+        too, since a reward is compared across responses and bf16 would round the differences)."""
+        return score_matmul(h, self.score).reshape(-1)
+
+    def reduce_documents(self, sums: torch.Tensor) -> torch.Tensor:
+        return sums
+
+    def _no_vocabulary(self, *_args, **_kw) -> torch.Tensor:
+        raise ValueError(
+            "a reward model has a scalar head, no vocabulary: use the reward objective, not a token loss"
+        )
+
+    cross_entropy = token_logprobs = logits = _no_vocabulary
+
 
 class HeadOutput:
     """The final hidden states h [B, T, D] bound to the head that reads them."""
 
-    def __init__(self, head: OutputHead, h: torch.Tensor):
+    def __init__(self, head: OutputHead | RewardHead, h: torch.Tensor):
         self.head, self.h = head, h
+
+    def scores(self) -> torch.Tensor:
+        """A reward head's score of every token, fp32 [N] (differentiable); an LM head raises."""
+        return self.head.scores(self.h)
 
     def loss(
         self,

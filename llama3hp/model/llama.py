@@ -22,7 +22,7 @@ from llama3hp.data.batch import IGNORE_INDEX
 from llama3hp.kernels.dispatch import matmul_dtype
 from llama3hp.model.args import KernelConfig, ModelArgs
 from llama3hp.model.grouped import groupable, grouped_linear, grouped_linears
-from llama3hp.model.head import HeadOutput, OutputHead
+from llama3hp.model.head import HeadOutput, OutputHead, RewardHead
 from llama3hp.model.rope import document_positions, rope_inv_freq
 
 
@@ -144,11 +144,14 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(args.dim, args.norm_eps, args.kernels.rmsnorm)
         # Tied presets (Llama 3.2) project with the embedding matrix itself: no output.weight.
-        self.output: OutputHead | None = (
-            OutputHead(None, args.kernels.cross_entropy, tied_to=embedding)
-            if args.tie_embeddings
-            else OutputHead(torch.empty(args.vocab_size, args.dim), args.kernels.cross_entropy)
-        )
+        # A reward model (head "reward") reads one scalar per token instead: output.score [1, D].
+        self.output: OutputHead | RewardHead | None
+        if args.head == "reward":
+            self.output = RewardHead(torch.empty(1, args.dim))
+        elif args.tie_embeddings:
+            self.output = OutputHead(None, args.kernels.cross_entropy, tied_to=embedding)
+        else:
+            self.output = OutputHead(torch.empty(args.vocab_size, args.dim), args.kernels.cross_entropy)
         self.inv_freq: torch.Tensor
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 

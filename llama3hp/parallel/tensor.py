@@ -23,9 +23,10 @@ from torch import nn
 
 import llama3hp.kernels as K
 from llama3hp.model.grouped import groupable
+from llama3hp.model.head import RewardHead
 from llama3hp.model.llama import Attention, FeedForward, Transformer
 from llama3hp.parallel.tp_comm import TPComm
-from llama3hp.parallel.vocab_parallel import ParallelHead, VocabParallelEmbedding
+from llama3hp.parallel.vocab_parallel import ParallelHead, ParallelRewardHead, VocabParallelEmbedding
 
 # Modules that replace the model's keep its parameter names, so state dicts keep their FQNs.
 
@@ -119,7 +120,10 @@ def apply_tp(model: Transformer, tp: TPComm, cp=None) -> dict[str, int]:
         w = _shard(model.tok_embeddings.weight, 0, tp)
         model.tok_embeddings = VocabParallelEmbedding(w, tp.rank * w.shape[0], tp)
         split["tok_embeddings.weight"] = 0
-    if model.output is not None:
+    if isinstance(model.output, RewardHead):  # a reward model's [1, D] row: replicated over TP
+        cp_group = cp.group if cp is not None and cp.size > 1 else None
+        model.output = ParallelRewardHead(model.output, tp, cp_group)
+    elif model.output is not None:
         shard = _shard(model.output.projection(), 0, tp) if tp.size > 1 else None
         cp_group = cp.group if cp is not None and cp.size > 1 else None
         model.output = ParallelHead(model.output, tp, cp_group, shard)

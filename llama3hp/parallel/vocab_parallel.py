@@ -21,7 +21,7 @@ from torch import nn
 from llama3hp.kernels.cross_entropy import accumulate_grad_weight, chunk_rows, logits_grad_, logits_lse
 from llama3hp.kernels.dispatch import autocast_off, matmul_dtype, use_triton
 from llama3hp.kernels.logprobs import linear_logprobs
-from llama3hp.model.head import OutputHead
+from llama3hp.model.head import OutputHead, RewardHead, score_matmul
 from llama3hp.parallel.comm import all_gather_dim, all_reduce, all_reduced
 from llama3hp.parallel.tp_comm import TPComm
 
@@ -168,6 +168,22 @@ class GatherVocab(torch.autograd.Function):
         return g[..., r * ctx.width : (r + 1) * ctx.width], None
 
 
+class GatherSequence(torch.autograd.Function):
+    """Forward: the sequence shards [B, S] of every TP rank concatenated into [B, T]. Backward: this
+    rank's columns of the gradient. For values every TP rank then uses identically (a reward head's
+    scores: each rank computes the same loss from them, so no rank's gradient is a partial sum)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.width = group, x.shape[1]
+        return all_gather_dim(x.contiguous(), 1, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        r = dist.get_rank(ctx.group)
+        return g[:, r * ctx.width : (r + 1) * ctx.width], None
+
+
 class VocabParallelEmbedding(nn.Module):
     """Rows [vocab_start, vocab_start + V_l) of the embedding; tokens outside contribute zeros."""
 
@@ -258,6 +274,30 @@ class ParallelHead(OutputHead):
             return super().logits(h)
         (shard,) = self.tp.column(h, [self.projection()])
         return GatherVocab.apply(shard, self.tp.group)
+
+    def reduce_documents(self, sums: torch.Tensor) -> torch.Tensor:
+        return sums if self.cp_group is None else AllReduceSum.apply(sums, self.cp_group)
+
+
+class ParallelRewardHead(RewardHead):
+    """A reward model's head on a mesh: the [1, D] row (`output.score`, the same Parameter) replicated
+    over TP, per-document sums reduced over the CP group.
+
+    Under sequence parallelism each TP rank scores its own sequence shard and the [B, S] scores are
+    gathered (`GatherSequence`, backward: this rank's slice), so the row's gradient on a rank is the
+    partial sum over its shard, reduced over TP by the data-parallel wrapper like the norms'. Without
+    it the hidden states are whole on every rank and so is the gradient."""
+
+    def __init__(self, head: RewardHead, tp: TPComm, cp_group: dist.ProcessGroup | None):
+        super().__init__(head.score)
+        self.tp, self.cp_group = tp, cp_group
+
+    def scores(self, h: torch.Tensor) -> torch.Tensor:
+        """h: [B, S, D] (sequence shard) or [B, T, D] -> fp32 [B*T], the rows' tokens in order."""
+        s = score_matmul(h, self.score).squeeze(-1)
+        if self.tp.size > 1 and self.tp.sequence_parallel:
+            s = GatherSequence.apply(s, self.tp.group)
+        return s.reshape(-1)
 
     def reduce_documents(self, sums: torch.Tensor) -> torch.Tensor:
         return sums if self.cp_group is None else AllReduceSum.apply(sums, self.cp_group)

@@ -1,7 +1,9 @@
 """llama3hp.posttrain: what a run optimises after pre-training, on every layout.
 
-- `config.py`: `[posttrain]` (objective "next_token" | "sft" | "dpo", DPO's beta/alpha and reference);
+- `config.py`: `[posttrain]` (objective "next_token" | "sft" | "dpo" | "reward", DPO's beta/alpha and reference);
 - `dpo.py`: the paper's DPO formula (written once) and the `DPOLoss` objective;
+- `reward.py`: the reward model's Bradley-Terry loss (written once), `response_scores` and `RewardLoss`;
+- `rejection.py`: `llama3hp rejection-sample` (k samples per prompt, the reward model keeps the best);
 - `reference.py`: DPO's frozen reference, precomputed beside the data or co-resident on the layout;
 - `build.py`: the objective and the reference from a job config (what the trainer calls);
 - `evaluate.py`: held-out metrics of a checkpoint (`llama3hp evaluate`).

@@ -22,12 +22,13 @@ from llama3hp.posttrain.reference import (
     data_sha256,
     write_values,
 )
+from llama3hp.posttrain.reward import RewardLoss
 from llama3hp.train.objectives import MaskedNextTokenLoss, NextTokenLoss, Objective
 
 if TYPE_CHECKING:
     from llama3hp.config import JobConfig
 
-DATA_KIND = {"sft": "sft", "dpo": "preference"}
+DATA_KIND = {"sft": "sft", "dpo": "preference", "reward": "preference"}
 
 
 def data_kind(loader: Any) -> str:
@@ -48,6 +49,8 @@ def build_objective(job: JobConfig, loader: Any) -> Objective:
         return MaskedNextTokenLoss(z_loss_scale=t.z_loss_scale)
     if p.objective == "dpo":
         return DPOLoss(p.beta, p.alpha, p.mask_format_tokens)
+    if p.objective == "reward":
+        return RewardLoss()
     return NextTokenLoss(z_loss_scale=t.z_loss_scale)
 
 

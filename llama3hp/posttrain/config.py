@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from llama3hp.errors import ConfigError
 from llama3hp.posttrain.dpo import PAPER_ALPHA, PAPER_BETA
 
-OBJECTIVES = ("next_token", "sft", "dpo")
+OBJECTIVES = ("next_token", "sft", "dpo", "reward")
 REFERENCE_MODES = ("precomputed", "co_resident")
 
 
@@ -16,7 +16,8 @@ class PostTrainConfig:
     """The objective and, for DPO, its reference model."""
 
     # "next_token": pre-training; "sft": cross-entropy of the response tokens only (data prepared
-    # with --format sft); "dpo": the paper's DPO (data prepared with --format preference).
+    # with --format sft); "dpo": the paper's DPO (data prepared with --format preference); "reward": a
+    # reward model (model.head = "reward"; Bradley-Terry loss on preference data, rankings expanded).
     objective: str = "next_token"
     beta: float = PAPER_BETA  # DPO: scale of the log-probability ratios
     alpha: float = PAPER_ALPHA  # DPO: weight of the chosen response's per-token NLL

@@ -38,7 +38,7 @@ def evaluate_checkpoint(job: JobConfig, checkpoint: str | None, ctx: ParallelCon
     device = build.select_device(t.device, ctx)
     amp = build.autocast_dtype(t.dtype, device)
     data = dataclasses.replace(job.data, datasets=list(p.eval_datasets))
-    loader = build_loader(data, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
+    loader = build_loader(data, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, ranked=p.objective == "reward")
     if not isinstance(loader, ExampleLoader):
         raise ConfigError(
             "posttrain.eval_datasets must be post-training data (prepared with --format sft|preference)"

@@ -174,8 +174,9 @@ def build_loader(job: JobConfig, ctx: ParallelContext) -> tuple[Any, Any]:
     datasets = resolve_datasets(job, tokenizer) if ctx.is_leader else None
     data_cfg = dataclasses.replace(job.data, datasets=ctx.broadcast(datasets))
     loader = build_data_loader(
-        data_cfg, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, tokenizer_sha256=tokenizer.sha256
-    )
+        data_cfg, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, tokenizer_sha256=tokenizer.sha256,
+        ranked=job.posttrain.objective == "reward",
+    )  # fmt: skip
     vocab = max(ds.vocab_size for ds in loader.datasets)
     if vocab > job.model.vocab_size:
         raise ConfigError(

@@ -32,6 +32,7 @@ import random
 import re
 import shutil
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -305,10 +306,13 @@ def load_model_state(path: str | Path, *, verify: bool = True) -> dict[str, torc
     return state["model"]
 
 
-def check_model_matches(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
-    """One-line error unless the checkpoint's model tensors have the global shapes the config builds."""
+def check_model_matches(path: Path, shapes: dict[str, tuple[int, ...]], fresh: Collection[str] = ()) -> None:
+    """One-line error unless the checkpoint's model tensors have the global shapes the config builds
+    (the keys in `fresh` may be absent)."""
     stored = stored_shapes(path)
     for key, shape in shapes.items():
+        if key in fresh and key not in stored:
+            continue
         if key not in stored:
             raise CheckpointError(f"checkpoint {path} has no '{key}': it was saved from a different model")
         if tuple(stored[key][0]) != tuple(shape):
@@ -355,18 +359,24 @@ def load_checkpoint(
     *,
     group: dist.ProcessGroup | None = None,
     verify: bool = True,
+    fresh: Collection[str] = (),
 ) -> dict[str, Any]:
     """Load a checkpoint saved under any layout (or by one process, `import` or `average`) into
     `model` (a StepModel: this rank's shards; or an nn.Module) and, if given and stored, the AdamW
-    state; return its train state (plus "path"). RNG states are left to the caller."""
+    state; return its train state (plus "path", and "fresh": the keys of `fresh` the checkpoint
+    lacks, which keep the model's own values: a reward head started on a language model's
+    checkpoint). RNG states are left to the caller."""
     model = _step_model(model)
     path = resolve_checkpoint(path)
     if verify:
         verify_checkpoint_shared(path, group)
     meta = read_train_state(path)
-    check_model_matches(path, model.global_shapes())
-    with_optim = optimizer is not None and meta.get("kind") == "full"
+    check_model_matches(path, model.global_shapes(), fresh)
+    missing = sorted(set(fresh) & set(model.global_shapes()) - set(stored_shapes(path)))
+    with_optim = optimizer is not None and meta.get("kind") == "full" and not missing
     state = model.checkpoint_state(optimizer if with_optim else None, for_save=False)
-    dcp_load(state, path, group)
+    # The views alias the model's own buffers: leaving a key out of the load keeps its values.
+    wanted = {**state, "model": {k: v for k, v in state["model"].items() if k not in missing}}
+    dcp_load(wanted, path, group)
     model.finish_load(optimizer if with_optim else None, state)
-    return {**meta, "path": str(path)}
+    return {**meta, "path": str(path), "fresh": missing}

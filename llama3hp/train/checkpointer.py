@@ -65,11 +65,14 @@ class Checkpointer:
         )  # fmt: skip
         return self.last
 
-    def load(self, path: Path, *, with_optimizer: bool = True, verify: bool = True) -> dict[str, Any]:
+    def load(
+        self, path: Path, *, with_optimizer: bool = True, verify: bool = True, fresh: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
         """Weights (and the optimizer state, when stored and asked for) of a checkpoint saved under
-        any layout into this rank's model; returns its train state."""
+        any layout into this rank's model; returns its train state. `fresh`: parameters the
+        checkpoint may lack (they keep their initial values)."""
         optimizer = self.optimizer if with_optimizer else None
-        return ckpt.load_checkpoint(path, self.model, optimizer, group=self.group, verify=verify)
+        return ckpt.load_checkpoint(path, self.model, optimizer, group=self.group, verify=verify, fresh=fresh)
 
 
 def find_latest_checkpoint(cfg: CheckpointConfig, runs_root: str, name: str) -> Path:

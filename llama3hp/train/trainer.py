@@ -27,6 +27,7 @@ import torch
 from llama3hp.errors import ConfigError
 from llama3hp.parallel.distributed import ParallelContext
 from llama3hp.posttrain.build import build_objective, build_reference
+from llama3hp.posttrain.reward import REWARD_HEAD
 from llama3hp.train import build
 from llama3hp.train import checkpoint as ckpt
 from llama3hp.train.checkpointer import Checkpointer
@@ -185,7 +186,11 @@ class Trainer:
         if resume_path is not None:
             self.resume(resume_path)
         elif t.init_from:
-            self.checkpointer.load(Path(t.init_from), with_optimizer=False)
+            # A reward model starts from a language model's checkpoint: everything but its scalar head.
+            fresh = REWARD_HEAD if job.model.head == "reward" else ()
+            state = self.checkpointer.load(Path(t.init_from), with_optimizer=False, fresh=fresh)
+            if state["fresh"] and self.ctx.is_leader:
+                print(f"{', '.join(state['fresh'])} not in {t.init_from}: initialised afresh", flush=True)
         if self.step >= t.steps:
             raise ConfigError(
                 f"checkpoint is at step {self.step}, already >= training.steps={t.steps}: "

@@ -93,3 +93,21 @@ def test_a_partial_stop_match_is_text_when_generation_ends(tokenizer):
     stream = TextStream(tokenizer, ["<END>"])
     out = "".join(stream.push(t) for t in tokenizer.encode("x <EN"))
     assert out == "x " and stream.finish() == "<EN" and not stream.stopped
+
+
+def test_top_p_over_the_top_candidates_equals_the_full_sort(monkeypatch):
+    """The nucleus found among the top 1024 / 8192 tokens samples what a sort of the whole vocabulary
+    does: peaked rows (nucleus inside the top 1024), flatter ones (8192) and flat ones (full sort)."""
+    import llama3hp.inference.sampling as S
+
+    g = torch.Generator().manual_seed(0)
+    V = 20_000
+    logits = torch.randn(12, V, generator=g) * torch.tensor([8.0] * 4 + [3.0] * 4 + [0.1] * 4)[:, None]
+    params = [S.SamplingParams(temperature=1.0, top_p=p, seed=i) for i, p in enumerate([0.9, 0.5, 0.99] * 4)]
+
+    def run():
+        return S.sample(logits, params, [p.generator(0) for p in params])
+
+    fast = run()
+    monkeypatch.setattr(S, "NUCLEUS_CANDIDATES", ())
+    assert fast == run()

@@ -52,6 +52,7 @@ def test_generate_chat_with_samples(run_ckpt, capsys):
         (["generate", "--checkpoint", "{ck}", "--prompt", "x", "--max-tokens", "100000"], "context"),
         (["serve", "--checkpoint", "{ck}", "--dtype", "int3"], "--dtype"),
         (["serve", "--checkpoint", "{ck}", "--tp", "0"], "--tp"),
+        (["serve", "--checkpoint", "{ck}", "--reward", "{ck}"], "not a reward model"),
     ],
 )
 def test_bad_command_lines_are_one_line_errors(run_ckpt, capsys, argv, contains):

@@ -32,8 +32,9 @@ from llama3hp.model import ModelArgs, Transformer
 from llama3hp.parallel import ParallelConfig, build_mesh, parallelize
 from llama3hp.parallel.ac import apply_ac
 
-# A hang guard for the whole group (test_layouts: ~150 s alone on 2 busy cores), not a timing test.
-TIMEOUT_S = 360
+# A hang guard for the whole group (test_layouts: ~180 s alone on 2 busy cores, the reward cases ~25 s of
+# it), not a timing test.
+TIMEOUT_S = 420
 
 
 def small_args(**kw) -> ModelArgs:
@@ -97,14 +98,16 @@ def make_batches(
 
 
 def make_pair_batches(
-    step: int, dp: int, micro: int, rows: int, T: int, vocab: int, shared: bool
+    step: int, dp: int, micro: int, rows: int, T: int, vocab: int, shared: bool, ranked: bool = False
 ) -> list[list[Batch]]:
     """Preference batches as the post-training loader packs them (`llama3hp.data.examples`): per row
     random pairs [prompt | chosen | rejected] (shared prompt) or [prompt chosen] [prompt rejected],
-    responses ending in a formatting token, then padding; the same pairs whatever `shared` is."""
+    responses ending in a formatting token, then padding; the same pairs whatever `shared` is. With
+    `ranked`, every other example is a ranking of 3 responses (a reward model's edited > chosen >
+    rejected: 3 ordered pairs)."""
     import numpy as np
 
-    from llama3hp.data.examples import build_batch, pair_segments
+    from llama3hp.data.examples import build_batch, response_segments
 
     g = torch.Generator().manual_seed(3000 + step)
     out = []
@@ -115,15 +118,14 @@ def make_pair_batches(
             for _ in range(rows):
                 row, used = [], 0
                 while True:
-                    P, C, R = (int(x) for x in torch.randint(3, 7, (3,), generator=g))
-                    need = 2 * P + C + R  # the separate layout's length: both layouts hold the same pairs
+                    k = 3 if ranked and len(row) % 2 == 0 else 2
+                    P, *lens = (int(x) for x in torch.randint(3, 7, (1 + k,), generator=g))
+                    need = k * P + sum(lens)  # the separate layout's length: both layouts hold the same pairs
                     if used + need > T:
                         break
-                    ids = [torch.randint(0, vocab, (n,), generator=g).numpy() for n in (P, C, R)]
-                    roles = [np.zeros(P, np.uint8)] + [
-                        np.array([1] * (n - 1) + [2], np.uint8) for n in (C, R)
-                    ]
-                    segs = pair_segments(ids[0], roles[0], ids[1], roles[1], ids[2], roles[2], shared)
+                    p_ids, *ids = [torch.randint(0, vocab, (n,), generator=g).numpy() for n in (P, *lens)]
+                    roles = [np.array([1] * (n - 1) + [2], np.uint8) for n in lens]
+                    segs = response_segments(p_ids, np.zeros(P, np.uint8), list(zip(ids, roles)), shared)
                     row.append((segs, len(row) + 100 * len(mbs)))
                     used += need
                 packed.append(row)
@@ -155,6 +157,14 @@ def reference_dpo_sum(model: Transformer, model0: Transformer, b: Batch) -> tupl
     return (dpo + 0.2 * (-pol[c] / n[c])).sum(), dpo.detach().sum()
 
 
+def reference_reward_sum(model: Transformer, b: Batch) -> torch.Tensor:
+    """The Bradley-Terry loss summed over the batch's ordered pairs, written without llama3hp.posttrain:
+    the plain model's score at each segment's last token."""
+    out = model(b.inputs, cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen, doc_prefix=b.doc_prefix)
+    s = out.scores()[b.cu_seqlens[1:].long() - 1]
+    return -F.logsigmoid(s[b.pairs[:, 0]] - s[b.pairs[:, 1]]).sum()
+
+
 class DocumentLogprobLoss:
     """A DPO-like objective for the layout tests: a nonlinear function of each document's summed
     log-probability (softplus(-0.05 log p(doc))), averaged over documents. Under context parallelism
@@ -176,7 +186,7 @@ def _reference_targets(b: Batch, objective: str | None) -> torch.Tensor:
 
 
 def reference_count(b: Batch, objective: str | None) -> torch.Tensor:
-    if objective is not None and objective.startswith("dpo"):
+    if objective is not None and objective.startswith(("dpo", "reward")):
         return torch.tensor(float(b.pairs.shape[0]))
     if objective == "doc_logprob":
         return torch.tensor(float(b.cu_seqlens.numel() - 1))
@@ -188,6 +198,8 @@ def reference_loss_sum(model: Transformer, b: Batch, objective: str | None) -> t
     cross-entropy of the (masked) targets, or DocumentLogprobLoss from per-token losses."""
     targets = _reference_targets(b, objective)
     kw = dict(cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen)
+    if objective is not None and objective.startswith("reward"):
+        return reference_reward_sum(model, b)
     if objective != "doc_logprob":
         return model(b.inputs, targets=targets, reduction="sum", **kw)
     logp = -model(b.inputs, targets=targets, reduction="none", **kw)
@@ -202,6 +214,10 @@ def build_objective(name: str | None):
 
     if name is not None and name.startswith("dpo"):
         return DPOLoss()
+    if name is not None and name.startswith("reward"):
+        from llama3hp.posttrain.reward import RewardLoss
+
+        return RewardLoss()
     return {None: NextTokenLoss(), "masked": MaskedNextTokenLoss(), "doc_logprob": DocumentLogprobLoss()}[
         name
     ]
@@ -212,6 +228,8 @@ def batches_for(objective: str | None, step: int, dp: int, micro: int, rows: int
     preference pairs, the others packed documents."""
     if objective in ("dpo_shared", "dpo_separate"):
         return make_pair_batches(step, dp, micro, rows, T, vocab, shared=objective == "dpo_shared")
+    if objective in ("reward_shared", "reward_separate"):
+        return make_pair_batches(step, dp, micro, rows, T, vocab, objective == "reward_shared", ranked=True)
     return make_batches(step, dp, micro, rows, T, vocab, objective == "masked")
 
 

@@ -85,6 +85,17 @@ CASES += [
     case("dpo_separate_pp2_interleaved_dp2_zero1", tp=1, cp=1, pp=2, dp=2, zero_stage=1,
          pp_schedule="interleaved", pp_virtual_stages=2, micro=2, objective="dpo_separate", **DPO),
 ]  # fmt: skip
+# The reward model: the scalar head (replicated over TP, scores of sequence shards gathered) read at
+# each response's last token, which may sit on another CP rank; rankings of 3 responses and pairs.
+REWARD = dict(T=32, steps=2, model={"head": "reward"})
+CASES += [
+    case("reward_shared_tp2_cp2_pp2", tp=2, cp=2, pp=2, dp=1, objective="reward_shared", **REWARD),
+    case("reward_separate_tp2_no_sp_dp2_zero1", tp=2, cp=1, pp=1, dp=2, zero_stage=1, sequence_parallel=False,
+         objective="reward_separate", **REWARD),
+    case("reward_shared_cp2_dp2_zero3", tp=1, cp=2, pp=1, dp=2, zero_stage=3, objective="reward_shared", **REWARD),
+    case("reward_shared_pp2_interleaved_dp2_zero2", tp=1, cp=1, pp=2, dp=2, zero_stage=2,
+         pp_schedule="interleaved", pp_virtual_stages=2, micro=2, objective="reward_shared", **REWARD),
+]  # fmt: skip
 DPO_CASES = {c["name"] for c in CASES if c.get("objective", "").startswith("dpo")}
 AC_CASES = {c["name"] for c in CASES if "ac" in c}
 

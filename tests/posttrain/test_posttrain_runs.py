@@ -92,6 +92,31 @@ def test_bad_combinations_are_one_line_errors(data, sft_run, tmp_path):
                    "posttrain.reference_mode=co_resident"))  # fmt: skip
 
 
+def _reward(data, init, *extra):
+    return _job(data, f'data.datasets=["{data}/pref"]', "posttrain.objective=reward", "model.head=reward",
+                f"training.init_from={init}", "training.steps=2", *extra)  # fmt: skip
+
+
+def test_reward_model_starts_from_a_language_model_and_evaluates(data, sft_run, capsys):
+    run = train(_reward(data, sft_run.last_checkpoint, f"run_dir={data}/reward"))
+    assert "output.score not in" in capsys.readouterr().out  # only the head is new
+    first = run.rows[0]
+    assert math.isfinite(first["loss"])
+    for key in ("accuracy", "rewards/chosen", "rewards/rejected", "rewards/margin"):
+        assert key in first
+    sd = ckpt.load_model_state(run.last_checkpoint)
+    assert tuple(sd["output.score"].shape) == (1, 64) and "output.weight" not in sd
+    args = [*SMALL, "training.seq_len=96", "posttrain.objective=reward", "model.head=reward",
+            f'posttrain.eval_datasets=["{data}/pref"]']  # fmt: skip
+    assert main(["evaluate", "--config", "tiny", "--checkpoint", str(run.last_checkpoint), *args]) == 0
+    out = json.loads(capsys.readouterr().out)
+    # 18 rows, 6 of them rankings edited > chosen > rejected: 6 x 3 + 12 ordered pairs.
+    assert out["examples"] == 18 and out["count"] == 30 and 0.0 <= out["accuracy"] <= 1.0
+    assert math.isfinite(out["rewards/chosen"]) and math.isfinite(out["rewards/rejected"])
+    with pytest.raises(ConfigError, match="a reward model needs both"):
+        train(_job(data, f'data.datasets=["{data}/pref"]', "posttrain.objective=reward", f"run_dir={data}/x"))
+
+
 def test_evaluate_prints_the_held_out_metrics(data, sft_run, capsys):
     args = [
         *SMALL,
@@ -106,6 +131,9 @@ def test_evaluate_prints_the_held_out_metrics(data, sft_run, capsys):
 
 @pytest.mark.parametrize("size", ["tiny", "llama3_8b", "llama3_70b", "llama3_405b"])
 def test_the_shipped_post_training_configs_load(size):
+    if size == "tiny":
+        reward = load_job_config("tiny_reward")
+        assert reward.posttrain.objective == "reward" and reward.model.head == "reward"
     sft, dpo = load_job_config(f"{size}_sft"), load_job_config(f"{size}_dpo")
     assert sft.posttrain.objective == "sft" and dpo.posttrain.objective == "dpo"
     assert (dpo.posttrain.beta, dpo.posttrain.alpha) == (0.1, 0.2) and dpo.data.pack_pairs == "shared_prompt"
