@@ -17,6 +17,7 @@ loader and RNG states are checkpointed, so `--resume` continues bit-exactly on C
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,15 +102,20 @@ class TrainingConfig:
             )
         if self.anneal_tokens < 0:
             raise ConfigError(f"training.anneal_tokens must be >= 0, got {self.anneal_tokens}")
-        if self.lr <= 0:
-            raise ConfigError(f"training.lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"training.lr must be a positive finite number, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"training.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"training.betas must be two numbers in [0, 1), got {self.betas}")
+        if not all(math.isfinite(v) for v in (self.weight_decay, self.eps, self.grad_clip, *self.betas)):
+            raise ConfigError(
+                "training.weight_decay, eps, grad_clip and betas must be finite numbers "
+                f"(NaN would silently turn clipping off), got grad_clip={self.grad_clip}"
+            )
         if self.weight_decay < 0 or self.eps <= 0 or self.grad_clip < 0:
             raise ConfigError(
-                "training.weight_decay and training.grad_clip must be >= 0 and training.eps > 0"
+                "training.weight_decay and training.grad_clip must be >= 0 (grad_clip 0 = off) and training.eps > 0"
             )
         for name, value, choices in (
             ("device", self.device, DEVICES),
