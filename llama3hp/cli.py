@@ -68,7 +68,10 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
     missing = [str(p) for p in inputs if not p.exists()]
     if missing:
         raise UsageError(f"prepare: input not found: {missing[0]}")
-    manifest = prepare(inputs, a.out, tokenizer_path=a.tokenizer, text_field=a.text_field, workers=a.workers)
+    manifest = prepare(
+        inputs, a.out, tokenizer_path=a.tokenizer, text_field=a.text_field, workers=a.workers,
+        overwrite=a.overwrite,
+    )  # fmt: skip
     print(
         f"prepared {len(inputs)} input(s) into {a.out}: {manifest['n_docs']:,} documents, {manifest['n_tokens']:,} tokens"
     )
@@ -207,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--text-field", default="text", help="JSONL field holding the text")
     pr.add_argument("--workers", type=int, default=2, help="tokenizer processes")
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     pr.set_defaults(fn=_cmd_prepare)
 
     cu = sub.add_parser(

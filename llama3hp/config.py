@@ -285,6 +285,8 @@ def read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"bad TOML in {path}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {path} is not a TOML text file (not UTF-8 at byte {e.start})") from None
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
 

@@ -131,11 +131,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
     for folder in (path, path / "checkpoints"):
         latest = folder / LATEST
         if latest.is_file():
-            target = folder / latest.read_text().strip()
-            if not target.is_dir():
-                raise CheckpointError(f"{latest} points to a missing checkpoint {target}")
-            return target
+            return folder / read_latest(latest)
     raise CheckpointError(f"no checkpoint in {path} (no '{LATEST}' pointer and no step-XXXXXXXX folder)")
+
+
+def read_latest(latest: Path) -> str:
+    """The step folder name a `latest` pointer holds; one-line error naming the file otherwise."""
+    try:
+        name = latest.read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        name = ""
+    if not STEP_RE.match(name):
+        raise CheckpointError(
+            f"{latest} is not a checkpoint pointer (expected one line 'step-XXXXXXXX'): delete it, or pass "
+            "--resume PATH/step-XXXXXXXX"
+        )
+    if not (latest.parent / name).is_dir():
+        raise CheckpointError(f"{latest} points to a missing checkpoint {latest.parent / name}")
+    return name
 
 
 def rng_state() -> dict[str, Any]:
