@@ -54,7 +54,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
     ctx = build_parallel_context(job.parallel)
     try:
         if resume is True:
-            resume = find_latest_checkpoint(job.checkpoint, job.runs_root, job.name)
+            resume = find_latest_checkpoint(job.checkpoint, job.runs_root, job.name, job.run_dir)
         train(job, resume=resume, ctx=ctx)
     finally:
         ctx.close()
@@ -194,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PATH",
         help="continue from a checkpoint (a step folder, a checkpoints folder or a run folder); "
-        "without PATH: the newest checkpoint of this run name",
+        "without PATH: the latest checkpoint of run_dir / checkpoint.dir, else the newest run of this "
+        "name (training.resume=auto: resume if there is one, else start)",
     )
     t.set_defaults(fn=_cmd_train)
 

@@ -353,7 +353,7 @@ class TokenDataset:
         self._corrupt_next = False
         mm = self._tokens[shard]
         if mm.mode != "c":
-            mm = np.memmap(mm.filename, dtype=TOKEN_DTYPE, mode="c", shape=mm.shape)
+            mm = np.memmap(str(mm.filename), dtype=TOKEN_DTYPE, mode="c", shape=mm.shape)
             self._tokens[shard] = mm
         mm[token] |= np.uint32(0xFF000000)
 
