@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,10 @@ from torch.distributed.checkpoint.staging import AsyncStager
 
 from llama3hp.parallel.checkpoint_views import block_tensor
 from llama3hp.train import checkpoint as ckpt
+
+# DCP warns from its writer thread, on every save of one process, that no process group exists; a
+# filter in the caller's thread (checkpoint.quiet_dcp) does not reach that thread.
+warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
 
 
 class CpuStager(AsyncStager):

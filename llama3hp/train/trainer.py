@@ -210,21 +210,14 @@ class Trainer:
         self.health = HealthMonitor(job.health, self.ctx.group, self.ctx.rank, self.device)
         self.sections = StepSections(self.device)
         self.telemetry = GpuTelemetry(self.device) if job.metrics.gpu_telemetry else None
-        self.stop = StopRequest(self.run_dir, watch_file=lead)
         self.on_disk_step: int | None = None  # the step whose state a checkpoint holds exactly
         self.resumed = resume_path is not None
         if resume_path is not None:
             self.resume(resume_path)
         elif t.init_from:
             self.checkpointer.load(Path(t.init_from), with_optimizer=False)
-        if lead:
-            self.stop.clear_stale()
         self.faults = FaultInjector(
             job.fault, rank=self.ctx.rank, world=self.ctx.world_size, total_steps=t.steps, attempt=restart_attempt()
-        )  # fmt: skip
-        self.watchdog = Watchdog(
-            job.watchdog, rank=self.ctx.rank, world=self.ctx.world_size, store=self.job_store(),
-            sections=self.sections, dump_dir=self.run_dir / "hangs", attempt=restart_attempt(),
         )  # fmt: skip
         self.complete = self.step >= t.steps
         if self.complete and str(resume if resume is not None else t.resume) != "auto":
@@ -351,6 +344,13 @@ class Trainer:
             metrics.event("resume", self.step, f"resumed at step {self.step} (attempt {restart_attempt()})")
         profiler = ProfileWindow(job.metrics.profile_steps, self.run_dir, self.device, enabled=lead)
         straggler_every = job.watchdog.straggler_interval
+        self.stop = StopRequest(self.run_dir, watch_file=lead)
+        if lead:
+            self.stop.clear_stale()  # left by the job this one was requeued from
+        self.watchdog = Watchdog(
+            job.watchdog, rank=self.ctx.rank, world=self.ctx.world_size, store=self.job_store(),
+            sections=self.sections, dump_dir=self.run_dir / "hangs", attempt=restart_attempt(),
+        )  # fmt: skip
         start = time.perf_counter()
         try:
             while self.step < t.steps:

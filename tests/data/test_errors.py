@@ -195,7 +195,9 @@ def test_corrupt_token_bytes_are_caught_as_rows_are_read(synth):
     data[4 * 7 + 3] = 0x7F  # token 7's high byte: id ~2**31, far beyond the 2**20 vocabulary
     shard.write_bytes(bytes(data))
     loader = build_loader(DataConfig(datasets=[str(path)]), tokenizer_sha256=FAKE_SHA)
-    with raises_one_line(r"token id \d+ >= vocabulary size 1048576 in .*shard_00000.bin at token 7 \(byte offset 28\)"):
+    with raises_one_line(
+        r"token id \d+ >= vocabulary size 1048576 in .*shard_00000.bin at token 7 \(byte offset 28\)"
+    ):
         for _ in range(100):  # an epoch of this dataset is a few dozen rows
             loader.next_batch(2, 16)
 
@@ -223,7 +225,15 @@ def test_output_exists_names_the_flag_and_a_killed_run_leaves_no_temp_folder(tmp
     assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out"]
     assert main(["prepare", str(tmp_path / "in.txt"), "--out", str(tmp_path / "out"), "--workers", "1"]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
-    args = ["prepare", str(tmp_path / "in.txt"), "--out", str(tmp_path / "out"), "--workers", "1", "--overwrite"]
+    args = [
+        "prepare",
+        str(tmp_path / "in.txt"),
+        "--out",
+        str(tmp_path / "out"),
+        "--workers",
+        "1",
+        "--overwrite",
+    ]
     assert main(args) == 0
 
 

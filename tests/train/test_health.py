@@ -75,8 +75,9 @@ def test_a_run_that_keeps_diverging_aborts_and_the_state_round_trips():
     assert "3 bad steps in a row (health.max_bad_steps)" in verdicts[-1].message
     abort = _monitor(nan_policy="abort")
     verdict, _ = _step(abort, 9, [math.nan, math.nan], norm=math.inf)
-    assert verdict.action == "abort" and "step 9: non-finite loss nan / grad norm inf (first seen on rank 0)" in (
-        verdict.message
+    assert (
+        verdict.action == "abort"
+        and "step 9: non-finite loss nan / grad norm inf (first seen on rank 0)" in (verdict.message)
     )
     _step(mon := _monitor(), 1, [3.0])
     again = _monitor()
@@ -115,7 +116,9 @@ def clean(dataset, tmp_path_factory):
 
 
 def test_a_transient_nan_gradient_leaves_the_loss_sequence_bit_identical(dataset, clean, tmp_path):
-    got = train(build_job(dataset, "training.steps=6", f"run_dir={tmp_path}", "fault.kind=nan", "fault.step=3"))
+    got = train(
+        build_job(dataset, "training.steps=6", f"run_dir={tmp_path}", "fault.kind=nan", "fault.step=3")
+    )
     assert got.losses == clean.losses  # the rerun's gradients are the healthy ones, bit for bit
     assert [r.get("rerun") for r in got.rows] == [None, None, "transient", None, None, None]
 
@@ -170,5 +173,7 @@ def test_abort_policy_names_the_step_and_the_rank(dataset, tmp_path):
         dataset, "training.steps=4", f"run_dir={tmp_path}", "fault.kind=nan", "fault.step=2",
         "fault.nan_every_run=true", "health.nan_policy=abort",
     )  # fmt: skip
-    with pytest.raises(TrainingDiverged, match=r"^step 2: non-finite loss .* grad norm nan \(first seen on rank 0\)"):
+    with pytest.raises(
+        TrainingDiverged, match=r"^step 2: non-finite loss .* grad norm nan \(first seen on rank 0\)"
+    ):
         train(job)
