@@ -202,7 +202,6 @@ class Trainer:
             if t.anneal_tokens
             else 0,
         )
-        lead = self.ctx.is_leader
         self.checkpointer = Checkpointer(
             job.checkpoint, ckpt_dir, self.model, self.optimizer, self.ctx.group, self.train_state,
             log=self.log,
