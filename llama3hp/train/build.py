@@ -305,7 +305,9 @@ def prepare_run(
     run_dir, path = Path(box[1][0]), (Path(box[1][1]) if box[1][1] is not None else None)
     ckpt_dir = Path(job.checkpoint.dir) if job.checkpoint.dir else run_dir / "checkpoints"
     errors = [check_writable(run_dir, "run folder") if ctx.is_leader else None]
-    if job.checkpoint.enabled:
+    from llama3hp.train.stages import has_stage_layouts
+
+    if job.checkpoint.enabled or (ctx.mesh is not None and has_stage_layouts(job)):  # a re-plan saves
         errors.append(check_writable(ckpt_dir, "checkpoint folder", ctx.rank))
     mine = next((e for e in errors if e), None)
     if ctx.group is not None:

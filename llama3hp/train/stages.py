@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from llama3hp.errors import ConfigError
 from llama3hp.parallel.mesh import ParallelConfig, resolve_dims, validate_layout
+from llama3hp.parallel.parallelize import check_schedule
 from llama3hp.train.schedules import batch_rows_at, seq_len_at, stage_cp_at
 
 if TYPE_CHECKING:
@@ -52,8 +53,8 @@ def auto_cp(job: JobConfig, world: int, seq_len: int, rows: int, hbm_gib: float 
                 checkpointing=t.activation_checkpointing, checkpoint_every=t.activation_checkpointing_every,
                 zero3_gather_dtype=p.zero3_gather_dtype, hw=hw, args=job.model,
             )  # fmt: skip
-        except ValueError:
-            continue  # this CP degree cannot split the row (or the batch)
+        except (ValueError, RuntimeError):
+            continue  # this CP degree cannot split the row, or the pipeline cannot run its micro-batches
         tried.append(f"cp={cp}: {report.mem_total_gib:.0f} GiB")
         if report.mem_total_gib <= hw.hbm_gib:
             return cp
@@ -65,14 +66,14 @@ def auto_cp(job: JobConfig, world: int, seq_len: int, rows: int, hbm_gib: float 
 
 def stage_parallel(job: JobConfig, tokens_seen: int, world: int) -> ParallelConfig:
     """The `[parallel]` layout of the stage in effect after `tokens_seen` tokens on `world` ranks."""
+    if not has_stage_layouts(job):
+        return job.parallel
     t = job.training
     want = stage_cp_at(t.seq_len_stages, tokens_seen, job.parallel.cp)
     if want == "auto":
         seq = seq_len_at(t.seq_len_stages, tokens_seen, t.seq_len)
         rows = batch_rows_at(t.batch_ramp, tokens_seen, t.global_batch_rows)
         want = auto_cp(job, world, seq, rows)
-    if not has_stage_layouts(job):
-        return job.parallel
     return dataclasses.replace(job.parallel, cp=int(want), dp=-1)
 
 
@@ -95,3 +96,9 @@ def check_stages(job: JobConfig, world: int) -> None:
                 f"at {tokens:,} tokens the global batch of {rows} rows is not divisible by micro_batch_rows x dp "
                 f"= {t.micro_batch_rows} x {dims.dp} (cp {cfg.cp}): change the batch ramp or the stage's cp"
             )
+        if dims.pp > 1:
+            virtual = cfg.pp_virtual_stages if cfg.pp_schedule == "interleaved" else 1
+            try:
+                check_schedule(cfg.pp_schedule, dims.pp, virtual, rows // (t.micro_batch_rows * dims.dp))
+            except ValueError as e:
+                raise ConfigError(f"at {tokens:,} tokens (cp {cfg.cp}, dp {dims.dp}): {e}") from None

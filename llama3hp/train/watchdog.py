@@ -120,19 +120,26 @@ class StepSections:
             out = [torch.empty_like(mine, device=dev) for _ in range(dist.get_world_size(group))]
             dist.all_gather(out, mine.to(dev), group=group)
             rows = [t.tolist() for t in out]
-        cols: dict[str, Any] = {}
-        flagged = []
-        for j, name in enumerate(SECTIONS):
-            times = [r[j] for r in rows]
-            median = statistics.median(times)
-            cols[f"time_{name}_max_s"], cols[f"time_{name}_min_s"] = max(times), min(times)
-            for rank, v in enumerate(times):
-                if v > factor * median and v - median > 0.01:
-                    flagged.append(
-                        {"rank": rank, "section": name, "s": round(v, 4), "median_s": round(median, 4)}
-                    )
-        cols["stragglers"] = flagged
-        return cols
+        return straggler_columns(rows, factor)
+
+
+def straggler_columns(rows: list[list[float]], factor: float) -> dict[str, Any]:
+    """From every rank's mean section times (rows[rank][section], SECTIONS order): each section's max
+    and min over ranks, and the ranks whose section time exceeds factor x that section's median over
+    ranks by at least 10 ms (`stragglers`)."""
+    cols: dict[str, Any] = {}
+    flagged = []
+    for j, name in enumerate(SECTIONS):
+        times = [r[j] for r in rows]
+        median = statistics.median(times)
+        cols[f"time_{name}_max_s"], cols[f"time_{name}_min_s"] = max(times), min(times)
+        for rank, v in enumerate(times):
+            if v > factor * median and v - median > 0.01:
+                flagged.append(
+                    {"rank": rank, "section": name, "s": round(v, 4), "median_s": round(median, 4)}
+                )
+    cols["stragglers"] = flagged
+    return cols
 
 
 def flight_recorder_dump() -> bytes | None:
@@ -250,16 +257,20 @@ class Watchdog:
         first = self._read()
         if not first or any(x is None for x in first):
             return [], [], []
-        time.sleep(2 * self.cfg.heartbeat_s + 0.5)
+        # Every live rank's watchdog is here at about the same time: keep beating while waiting.
+        until = time.monotonic() + 2 * self.cfg.heartbeat_s + 0.5
+        while (left := until - time.monotonic()) > 0:
+            time.sleep(min(self.cfg.heartbeat_s / 2, left))
+            self._publish()
         second = self._read()
         if not second or any(x is None for x in second):
             return [], [], []
         hung = [
             r
             for r, (a, b) in enumerate(zip(first, second))
-            if a is not None and b is not None and a[0] == b[0]
+            if r != self.rank and a is not None and b is not None and a[0] == b[0]
         ]
-        furthest = max(x[1] for x in second if x is not None)
+        furthest = max(x[1] for r, x in enumerate(second) if x is not None and r not in hung)
         behind = [r for r, x in enumerate(second) if x is not None and x[1] < furthest and r not in hung]
         where = [(second[r][2], second[r][3]) for r in hung if second[r] is not None]  # type: ignore[index]
         return hung, behind, where
@@ -272,7 +283,9 @@ class Watchdog:
                 faulthandler.dump_traceback(file=f, all_threads=True)
             trace = flight_recorder_dump()
             if trace:
-                (self.dump_dir / f"attempt{self.attempt}-rank{self.rank}-nccl-trace.pkl").write_bytes(trace)
+                (self.dump_dir / f"attempt{self.attempt}-rank{self.rank}-flight-recorder.pkl").write_bytes(
+                    trace
+                )
             return path
         except OSError:
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
