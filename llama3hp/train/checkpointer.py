@@ -61,12 +61,14 @@ def local_tensors(obj: Any) -> Iterator[torch.Tensor]:
 
 def all_finite(state: Any, group: dist.ProcessGroup | None) -> bool:
     """Whether every floating-point tensor of `state` is finite on every rank of `group` (one sync per
-    device, one all-reduce)."""
+    device, one all-reduce). Each tensor's fp32 sum is NaN/Inf iff an element is (weights and AdamW
+    moments are far from overflowing it): one read of the state, no temporary of its size
+    (0.03 s against 1.3 s for isfinite(t).all() on 50M floats here, 2 busy cores)."""
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for t in local_tensors(state):
         if t.is_floating_point() and t.numel():
-            by_device.setdefault(t.device, []).append(torch.isfinite(t).all())
-    bad = any(not bool(torch.stack(flags).all()) for flags in by_device.values())
+            by_device.setdefault(t.device, []).append(t.detach().sum(dtype=torch.float32))
+    bad = any(not bool(torch.isfinite(torch.stack(sums)).all()) for sums in by_device.values())
     if group is not None:
         dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
         flag = torch.tensor([float(bad)], device=dev)

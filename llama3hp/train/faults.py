@@ -1,6 +1,6 @@
 """Faults on purpose: a seeded injector that breaks a run the way clusters do (TOML section [fault]).
 
-Kinds (each at a step and on a rank):
+Kinds (each at a step and on a rank; kill, hang and nan strike after the step's backward):
 - `kill`: SIGKILL the rank (a lost node; torchrun restarts the job);
 - `hang`: SIGSTOP the rank (a hung GPU or NIC; the other ranks' watchdogs take it down);
 - `nan`: make one gradient element NaN after backward (transient: only the first execution of the
@@ -20,12 +20,15 @@ of the schedule still comes.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 import random
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -89,8 +92,17 @@ def schedule(cfg: FaultConfig, world: int, total_steps: int) -> list[Fault]:
 class FaultInjector:
     """Fires this rank's faults of the current attempt (see the module docstring)."""
 
-    def __init__(self, cfg: FaultConfig, *, rank: int, world: int, total_steps: int, attempt: int):
-        self.cfg, self.rank = cfg, rank
+    def __init__(
+        self,
+        cfg: FaultConfig,
+        *,
+        rank: int,
+        world: int,
+        total_steps: int,
+        attempt: int,
+        log_path: Path | None = None,
+    ):
+        self.cfg, self.rank, self.attempt, self.log_path = cfg, rank, attempt, log_path
         plan = schedule(cfg, world, total_steps)
         self.fault = plan[attempt] if attempt < len(plan) else None
         if self.fault is not None and (self.fault.rank != rank or self.fault.kind == "none"):
@@ -99,8 +111,8 @@ class FaultInjector:
         self.armed = False  # kind=nan: this execution of the step gets the NaN
 
     def before_step(self, step: int, datasets: list[Any] = ()) -> None:  # type: ignore[assignment]
-        """Kill, hang, slow down or corrupt the data of this rank at step `step` (1-based), in the data
-        section (a slowed rank shows as a data straggler)."""
+        """At step `step` (1-based), in the data section: slow this rank down (a data straggler),
+        corrupt its next token read, or arm the fault that strikes after the backward."""
         f = self.fault
         self.armed = False
         if f is None:
@@ -109,24 +121,42 @@ class FaultInjector:
             time.sleep(self.cfg.slow_ms / 1000.0)
         if step != f.step or self.fired:
             return
-        if f.kind == "nan":
-            self.armed = self.fired = True
-        elif f.kind == "kill":
-            print(f"fault: killing rank {self.rank} at step {step}", flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
-        elif f.kind == "hang":
-            print(f"fault: stopping rank {self.rank} at step {step} (SIGSTOP)", flush=True)
-            self.fired = True
-            os.kill(os.getpid(), signal.SIGSTOP)
-        elif f.kind == "corrupt":
-            self.fired = True
+        self.fired = True
+        self._record(f, step)
+        if f.kind == "corrupt":
             for ds in datasets:
                 ds.corrupt_next_read()
+        elif f.kind in ("nan", "kill", "hang"):
+            self.armed = True  # mid-step, after this step's backward
+
+    def _record(self, f: Fault, step: int) -> None:
+        """One line on stdout and in <run dir>/faults.jsonl (any rank appends; one short write)."""
+        print(f"fault: {f.kind} on rank {self.rank} at step {step} (attempt {self.attempt})", flush=True)
+        if self.log_path is not None:
+            line = {
+                "time": time.time(),
+                "kind": f.kind,
+                "step": step,
+                "rank": self.rank,
+                "attempt": self.attempt,
+            }
+            with contextlib.suppress(OSError), open(self.log_path, "a") as fh:
+                fh.write(json.dumps(line) + "\n")
 
     def after_backward(self, optimizer: torch.optim.Optimizer, rerun: bool) -> None:
-        """kind=nan, in the armed step: one element of the first gradient the optimizer reads is NaN
-        (in the health monitor's rerun too with nan_every_run)."""
-        if not self.armed or (rerun and not self.cfg.nan_every_run):
+        """In the armed step, after its backward (mid-step: a checkpoint started by the previous step
+        has had the forward and backward to be written): kill or stop the rank, or make one element
+        of the first gradient the optimizer reads NaN (in the health monitor's rerun too with
+        nan_every_run)."""
+        if not self.armed or self.fault is None:
+            return
+        if self.fault.kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.fault.kind == "hang":
+            self.armed = False
+            os.kill(os.getpid(), signal.SIGSTOP)
+            return
+        if rerun and not self.cfg.nan_every_run:
             return
         for group in optimizer.param_groups:
             for p in group["params"]:

@@ -216,7 +216,8 @@ class Trainer:
         elif t.init_from:
             self.checkpointer.load(Path(t.init_from), with_optimizer=False)
         self.faults = FaultInjector(
-            job.fault, rank=self.ctx.rank, world=self.ctx.world_size, total_steps=t.steps, attempt=restart_attempt()
+            job.fault, rank=self.ctx.rank, world=self.ctx.world_size, total_steps=t.steps, attempt=restart_attempt(),
+            log_path=self.run_dir / "faults.jsonl",
         )  # fmt: skip
         self.complete = self.step >= t.steps
         if self.complete and str(resume if resume is not None else t.resume) != "auto":
