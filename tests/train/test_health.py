@@ -177,3 +177,19 @@ def test_abort_policy_names_the_step_and_the_rank(dataset, tmp_path):
         TrainingDiverged, match=r"^step 2: non-finite loss .* grad norm nan \(first seen on rank 0\)"
     ):
         train(job)
+
+
+def test_an_injected_corrupt_token_stops_the_run_with_one_line_naming_the_shard(dataset, tmp_path, capsys):
+    args = [
+        "train", "--config", "tiny", *SMALL, f'data.datasets=["{dataset}"]', f"run_dir={tmp_path}",
+        "training.steps=4", "fault.kind=corrupt", "fault.step=3",
+    ]  # fmt: skip
+    assert main(args) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert (
+        line.startswith("error: token id ")
+        and "shard_00000.bin at token" in line
+        and "the shard is corrupt" in line
+    )
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]  # steps 1-2 trained on clean tokens; step 3 never ran
