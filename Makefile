@@ -6,11 +6,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.llama3hp-installed
 DEV_STAMP := $(VENV)/.llama3hp-dev-installed
+SERVE_STAMP := $(VENV)/.llama3hp-serve-installed
+CHECKPOINT ?= $(shell ls -td runs/*/ 2>/dev/null | head -1)
 CONFIG ?= tiny
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: env train test bench lint cpp-test clean
+.PHONY: env train serve test bench lint cpp-test clean
 
 env: $(STAMP)
 
@@ -30,6 +32,14 @@ $(DEV_STAMP): $(STAMP)
 
 train: $(STAMP)
 	$(BIN)/llama3hp train --config $(CONFIG) $(ARGS)
+
+# The serving stack (FastAPI, uvicorn, sse-starlette) only for `make serve`; serves the newest run.
+$(SERVE_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[serve]"
+	@touch $(SERVE_STAMP)
+
+serve: $(SERVE_STAMP)
+	$(BIN)/llama3hp serve --checkpoint $(CHECKPOINT) $(ARGS)
 
 test: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS) tests

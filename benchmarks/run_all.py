@@ -37,10 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", nargs="+", default=None, help="run only these benchmarks (e.g. rmsnorm rope)"
     )
+    parser.add_argument("--skip", nargs="+", default=[], help="leave these benchmarks out (e.g. serve)")
     args, passthrough = parser.parse_known_args(argv)
     failed = []
     for name in discover() + list(WORKLOADS):
-        if args.only and name.removeprefix("benchmarks.bench_") not in args.only:
+        short = name.removeprefix("benchmarks.bench_")
+        if (args.only and short not in args.only) or short in args.skip:
             continue
         print(f"== {name}", flush=True)
         try:

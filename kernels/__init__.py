@@ -23,6 +23,8 @@ from llama3hp.kernels.fp8_quant import (
     fp8_quantize_rowwise_ref,
     fp8_scale_ref,
 )
+from llama3hp.kernels.logprobs import linear_logprobs, linear_logprobs_ref, sequence_sums
+from llama3hp.kernels.paged_attention import paged_attention_decode, paged_attention_decode_ref
 from llama3hp.kernels.rmsnorm import rms_norm, rms_norm_ref, rms_norm_residual, rms_norm_residual_ref
 from llama3hp.kernels.rope import apply_rope, apply_rope_ref
 from llama3hp.kernels.swiglu import swiglu, swiglu_packed, swiglu_packed_ref, swiglu_ref
@@ -47,11 +49,16 @@ __all__ = [
     "fp8_scale_ref",
     "linear_cross_entropy",
     "linear_cross_entropy_ref",
+    "linear_logprobs",
+    "linear_logprobs_ref",
+    "paged_attention_decode",
+    "paged_attention_decode_ref",
     "rms_norm",
     "rms_norm_ref",
     "rms_norm_residual",
     "rms_norm_residual_ref",
     "scaled_mm_rowwise",
+    "sequence_sums",
     "swiglu",
     "swiglu_packed",
     "swiglu_packed_ref",

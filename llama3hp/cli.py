@@ -1,4 +1,5 @@
-"""`llama3hp` command line: train, prepare, curate, info, export, import, average, plan.
+"""`llama3hp` command line: train, prepare, curate, evaluate, info, export, import, average, plan,
+generate, serve.
 
 Every user error (`llama3hp.errors.UserError`: a bad config, data file, checkpoint or command line)
 prints ONE line `error: ...` on stderr and exits with code 2. Anything else is a bug: it keeps its
@@ -91,12 +92,25 @@ def _check_layout(job, world: int) -> int:
 def _cmd_prepare(a: argparse.Namespace) -> int:
     from llama3hp.data import default_corpus_files, prepare
 
+    if a.demo:
+        from llama3hp.data.demo import build_demo
+
+        if a.inputs:
+            raise UsageError("prepare: --demo builds its rows from the stdlib; give no inputs with it")
+        ms = build_demo(a.demo, a.out, workers=a.workers, overwrite=a.overwrite)
+        for name, m in ms.items():
+            print(f"{a.out}/{name}: {m['n_docs']:,} {a.demo} examples, {m['n_tokens']:,} tokens")
+        return 0
+    if a.format != "text" and not a.inputs:
+        raise UsageError(
+            f"prepare: --format {a.format} reads JSONL rows: give the .jsonl files (or --demo {a.format})"
+        )
     inputs = [Path(p) for p in a.inputs] if a.inputs else default_corpus_files()
     missing = [str(p) for p in inputs if not p.exists()]
     if missing:
         raise UsageError(f"prepare: input not found: {missing[0]}")
     manifest = prepare(
-        inputs, a.out, tokenizer_path=a.tokenizer, text_field=a.text_field, workers=a.workers,
+        inputs, a.out, tokenizer_path=a.tokenizer, text_field=a.text_field, workers=a.workers, format=a.format,
         overwrite=a.overwrite,
     )  # fmt: skip
     print(
@@ -115,6 +129,25 @@ def _cmd_curate(a: argparse.Namespace) -> int:
     cfg = load_config(a.config, overrides + ([f"workers={a.workers}"] if a.workers is not None else []))
     report = curate(inputs, a.out, cfg, overwrite=a.overwrite, progress=sys.stderr.isatty())
     print(format_report(report) + f"\nwrote {a.out}/shard_*.jsonl, report.json and removed.ndjson")
+    return 0
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    from llama3hp.config import load_job_config
+    from llama3hp.parallel import build_parallel_context
+    from llama3hp.posttrain.evaluate import evaluate_checkpoint
+
+    job = load_job_config(a.config, a.overrides)
+    ctx = build_parallel_context(job.parallel)
+    try:
+        result = evaluate_checkpoint(job, a.checkpoint, ctx)
+    finally:
+        ctx.close()
+    if ctx.is_leader:
+        text = json.dumps(result, indent=1)
+        print(text)
+        if a.out:
+            Path(a.out).write_text(text + "\n")
     return 0
 
 
@@ -200,6 +233,123 @@ def _cmd_plan(a: argparse.Namespace) -> int:
     return plan_main(a.plan_args)
 
 
+def _passive_openmp() -> None:
+    """Before torch loads: OpenMP threads that wait by sleeping, not spinning. A decode step is
+    hundreds of small ops, each an OpenMP barrier; on a busy machine a spinning thread that gets
+    descheduled stalls every one of them (measured on 2 shared cores: 15 -> 44 tokens/s for the tiny
+    model; the same as one thread). Training keeps the default: its ops are large."""
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _serve_options(a: argparse.Namespace):
+    from llama3hp.inference.build import ServeOptions
+
+    return ServeOptions(
+        checkpoint=a.checkpoint, fp8=a.fp8, dtype=a.dtype, device=a.device, tp=getattr(a, "tp", 1),
+        kv_memory_gib=a.kv_memory_gib, num_blocks=a.num_blocks, max_num_seqs=a.max_num_seqs,
+        max_model_len=a.max_model_len, cuda_graphs=not a.no_cuda_graphs,
+        max_queued_requests=getattr(a, "max_queued_requests", 1024),
+    ).validate()  # fmt: skip
+
+
+def _cmd_generate(a: argparse.Namespace) -> int:
+    _passive_openmp()
+    import time
+
+    from llama3hp.data.tokenizer import ChatFormat, Tokenizer
+    from llama3hp.inference.build import build_engine
+    from llama3hp.inference.sampling import SamplingParams
+
+    opts = _serve_options(a)
+    params = SamplingParams(
+        max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, n=a.n,
+        seed=a.seed, stop=a.stop or [],
+    ).validate()  # fmt: skip
+    tokenizer = Tokenizer.load()
+    engine = build_engine(opts)
+    prompt = (
+        ChatFormat(tokenizer).encode_dialog_prompt([{"role": "user", "content": a.prompt}])
+        if a.chat
+        else tokenizer.encode(a.prompt, bos=True)
+    )
+    engine.check_request(prompt, params)
+    start = time.perf_counter()
+    (samples,) = engine.generate([prompt], params, tokenizer)
+    elapsed = time.perf_counter() - start
+    for i, s in enumerate(samples):
+        if params.n > 1:
+            print(f"--- sample {i} ({s.finish_reason})")
+        print(s.text if a.chat else a.prompt + s.text)
+    n_tok = sum(len(s.token_ids) for s in samples)
+    print(
+        f"[{n_tok} tokens in {elapsed:.2f} s, {n_tok / elapsed:.1f} tokens/s; prompt {len(prompt)} tokens; "
+        f"finish: {', '.join(str(s.finish_reason) for s in samples)}]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    _passive_openmp()
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "sse_starlette") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"serve needs {', '.join(missing)}: pip install 'llama3hp[serve]'")
+    from llama3hp.data.tokenizer import Tokenizer
+    from llama3hp.inference.build import start_engine
+    from llama3hp.inference.server import build_app, serve
+
+    opts = _serve_options(a)
+    tokenizer = Tokenizer.load()
+    engine, workers = start_engine(opts)
+    name = a.name or opts.model_name()
+    args = engine.model.args
+    print(
+        f"serving {name} ({args.n_layers} layers, dim {args.dim}; {'FP8 FFN, ' if opts.fp8 else ''}"
+        f"{engine.cache.dtype}, tp={opts.tp}, {engine.device}; KV cache {engine.scheduler.allocator.usable} "
+        f"blocks of 16 tokens; context {engine.max_model_len}) on http://{a.host}:{a.port}/v1",
+        flush=True,
+    )
+    try:
+        serve(build_app(engine, tokenizer, name), a.host, a.port)
+    finally:
+        for p in workers:
+            p.join(timeout=30)
+    return 0
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="a llama3hp checkpoint (step, checkpoints or run folder), a Hugging Face folder or a Meta folder")  # fmt: skip
+    p.add_argument(
+        "--fp8", action="store_true", help="row-wise FP8 in the feed-forward linears (the paper's recipe)"
+    )
+    p.add_argument(
+        "--dtype", default="auto", help="weights: auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32"
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument(
+        "--kv-memory-gib",
+        type=float,
+        default=None,
+        help="KV cache size (default: 90%% of free GPU memory, 1 GiB on CPU)",
+    )
+    p.add_argument(
+        "--num-blocks",
+        type=int,
+        default=None,
+        help="KV cache size in 16-token blocks (overrides --kv-memory-gib)",
+    )
+    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoding at once")
+    p.add_argument(
+        "--max-model-len", type=int, default=None, help="longest prompt + generation (default: the model's)"
+    )
+    p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="llama3hp", description="Llama 3 trainer: train, prepare data, inspect, convert checkpoints."
@@ -244,8 +394,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--text-field", default="text", help="JSONL field holding the text")
     pr.add_argument("--workers", type=int, default=2, help="tokenizer processes")
+    pr.add_argument(
+        "--format", default="text", choices=["text", "sft", "preference"],
+        help="text documents, or JSONL chat rows: SFT conversations or preference pairs",
+    )  # fmt: skip
+    pr.add_argument(
+        "--demo", choices=["sft", "preference"], default=None,
+        help="build the stdlib demo set (functions from signature and docstring): OUT/train and OUT/heldout",
+    )  # fmt: skip
     pr.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     pr.set_defaults(fn=_cmd_prepare)
+
+    ev = sub.add_parser(
+        "evaluate", help="held-out metrics of a checkpoint (SFT response loss, DPO accuracy and margin)",
+        description="Forward passes over posttrain.eval_datasets; prints JSON.",
+    )  # fmt: skip
+    ev.add_argument("--config", required=True, help="built-in config name or a TOML file")
+    ev.add_argument("--checkpoint", default=None, help="checkpoint to evaluate (default: training.init_from)")
+    ev.add_argument("--out", default=None, help="also write the JSON here")
+    ev.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    ev.set_defaults(fn=_cmd_evaluate)
 
     cu = sub.add_parser(
         "curate",
@@ -305,6 +473,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("plan_args", nargs=argparse.REMAINDER)
     pl.set_defaults(fn=_cmd_plan)
+
+    g = sub.add_parser("generate", help="generate text from a checkpoint (one prompt, KV-cache engine)")
+    _add_model_flags(g)
+    g.add_argument("--prompt", required=True, help="the prompt text")
+    g.add_argument(
+        "--chat", action="store_true", help="wrap the prompt as a user turn of the Llama 3 chat format"
+    )
+    g.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--n", type=int, default=1, help="samples of the prompt")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="a stop string (up to 4)")
+    g.set_defaults(fn=_cmd_generate)
+
+    sv = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
+    _add_model_flags(sv)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one process per GPU)")
+    sv.add_argument("--name", default=None, help="the model name clients ask for (default: the run's name)")
+    sv.add_argument("--max-queued-requests", type=int, default=1024, help="waiting requests before 503")
+    sv.set_defaults(fn=_cmd_serve)
     return p
 
 

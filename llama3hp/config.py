@@ -9,7 +9,8 @@ from `llama3hp.model.PRESETS`); the other `[model]` keys override the preset's f
 Each section is the dataclass of the component it configures, which validates itself
 (`TrainingConfig` in train/trainer.py, `CheckpointConfig` in train/checkpointer.py, `MetricsConfig`
 in train/metrics.py, `HealthConfig` in train/health.py, `WatchdogConfig` in train/watchdog.py,
-`FaultConfig` in train/faults.py, `ParallelConfig` in parallel/mesh.py, `DataConfig`, `ModelArgs`, `Fp8Config`);
+`FaultConfig` in train/faults.py, `ParallelConfig` in parallel/mesh.py, `DataConfig`, `ModelArgs`, `Fp8Config`,
+`PostTrainConfig` in posttrain/config.py);
 this module holds the override engine and the checks across components (`validate`).
 
 Every error raised here is a `ConfigError` with a one-line message the CLI prints as is.
@@ -34,6 +35,7 @@ from llama3hp.errors import ConfigError
 from llama3hp.fp8.config import Fp8Config
 from llama3hp.model import ModelArgs, get_model_args
 from llama3hp.parallel.mesh import ParallelConfig
+from llama3hp.posttrain.config import PostTrainConfig
 from llama3hp.train.build import STDLIB_CORPUS
 from llama3hp.train.checkpointer import CheckpointConfig
 from llama3hp.train.faults import FaultConfig
@@ -68,6 +70,8 @@ class JobConfig:
     health: HealthConfig = field(default_factory=HealthConfig)  # NaN/Inf and loss-spike policies
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)  # hangs and stragglers
     fault: FaultConfig = field(default_factory=FaultConfig)  # faults injected on purpose (off)
+    # The objective: pre-training, SFT or DPO (with its reference model); TOML [posttrain].
+    posttrain: PostTrainConfig = field(default_factory=PostTrainConfig)
 
     def validate(self, *, dp_size: int = 1) -> JobConfig:
         """Every component's own checks, then the checks across components; one-line ConfigError."""
@@ -336,7 +340,16 @@ def validate(job: JobConfig, *, dp_size: int = 1) -> None:
     then what only the whole job can check (batch over data-parallel ranks, lengths against the
     model, FP8 against the layout and activation checkpointing, data present)."""
     t = job.training
-    for component in (t, job.checkpoint, job.metrics, job.health, job.watchdog, job.fault):
+    for component in (
+        t,
+        job.checkpoint,
+        job.metrics,
+        job.health,
+        job.watchdog,
+        job.fault,
+        job.data,
+        job.posttrain,
+    ):
         component.validate()
     for what in (job.fp8, job.model):
         try:

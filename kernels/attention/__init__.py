@@ -16,6 +16,14 @@ document: a context-parallel rank holding chunks i and 2cp-1-i of a sequence pas
 segments of the same document over the all-gathered keys
 (`llama3hp.parallel.context.build_cp_query_segments`).
 
+Shared prefixes (`doc_prefix`, one int per key document, -1 for none): a document may name an
+earlier document whose keys ALL its queries also see. A DPO pair packed as one row piece
+[prompt | chosen | rejected] makes prompt, chosen and rejected three documents, the two responses
+naming the prompt: the prompt is computed once, and the rejected tokens attend to the prompt and
+to themselves, never to the chosen ones. The forward and dQ kernels run the prefix's keys before
+the document's own (unmasked but for the last block); dK/dV of a prefix key block also sums over the
+query segments of the documents using it (a CSR of users built on device).
+
 Kernels (FlashAttention-2 style, fp32 accumulators, `tl.dot` on the input dtype):
 - `_attn_fwd_kernel`: grid (query block, segment, q head); online softmax in base 2; the key loop
   runs over [0, min(Lk, last query position + 1)) only, so work grows with sum(L^2) over documents,

@@ -16,8 +16,9 @@ from llama3hp.kernels.dispatch import check_backend, use_triton
 
 
 class AttentionFunction(torch.autograd.Function):
-    """Varlen document-masked GQA attention: forward saves (q, k, v, out, lse); backward runs
-    the delta preprocess, then dK/dV (+ atomic dQ) or dK/dV and a separate dQ kernel."""
+    """Varlen document-masked GQA attention (with optional shared prefixes): forward saves (q, k, v,
+    out, lse); backward runs the delta preprocess, then dK/dV (+ atomic dQ) or dK/dV and a separate
+    dQ kernel."""
 
     @staticmethod
     def forward(
@@ -33,15 +34,16 @@ class AttentionFunction(torch.autograd.Function):
         max_seqlen_k: int,
         scale: float,
         deterministic: bool,
+        prefix: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = _attn_fwd(q, k, v, cu_q, cu_k, q_doc, q_pos, max_seqlen_q, max_seqlen_k, scale)
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, q_doc, q_pos)
+        out, lse = _attn_fwd(q, k, v, cu_q, cu_k, q_doc, q_pos, max_seqlen_q, max_seqlen_k, scale, prefix)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, q_doc, q_pos, prefix)
         ctx.args = (max_seqlen_q, max_seqlen_k, scale, deterministic)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor, dlse: torch.Tensor | None):
-        q, k, v, out, lse, cu_q, cu_k, q_doc, q_pos = ctx.saved_tensors
+        q, k, v, out, lse, cu_q, cu_k, q_doc, q_pos, prefix = ctx.saved_tensors
         max_seqlen_q, max_seqlen_k, scale, deterministic = ctx.args
         dlse = dlse.contiguous() if dlse is not None else None
         dq, dk, dv = _attn_bwd(
@@ -60,8 +62,9 @@ class AttentionFunction(torch.autograd.Function):
             max_seqlen_k,
             scale,
             deterministic,
+            prefix,
         )
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        return dq, dk, dv, *(None,) * 9
 
 
 def _as_int32(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -79,6 +82,7 @@ def attention_varlen(
     *,
     q_doc_idx: torch.Tensor | None = None,
     q_pos_offsets: torch.Tensor | None = None,
+    doc_prefix: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     deterministic: bool = False,
     return_lse: bool = False,
@@ -92,16 +96,18 @@ def attention_varlen(
     max_seqlen_q / max_seqlen_k: longest query segment / key document (size the grids; no sync).
     q_doc_idx: int32 [S], key document of each segment (None: segment s uses document s).
     q_pos_offsets: int32 [S] >= 0, position of each segment's first query in its document
-    (None: Lk - Lq). deterministic: dQ without atomics (bit-identical run to run, ~1.4x bwd GEMMs).
+    (None: Lk - Lq). doc_prefix: int32 [Dk], for each key document an earlier key document every key
+    of which its queries also see (its shared prefix: a DPO pair's prompt), or -1 (None: none).
+    deterministic: dQ without atomics (bit-identical run to run, ~1.4x bwd GEMMs).
     Returns out [Nq, Hq, D], and with return_lse also lse fp32 [Hq, Nq] (natural log; it has a
     gradient, so partial results can be merged differentiably).
     """
     check_backend(backend)
-    _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, q_doc_idx, q_pos_offsets)
+    _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, q_doc_idx, q_pos_offsets, doc_prefix)
     if not use_triton(backend, q, k, v) or (backend == "auto" and not _kernel_supports(q, k, v)):
         out, lse = attention_varlen_ref(
             q, k, v, cu_seqlens_q, cu_seqlens_k,
-            q_doc_idx=q_doc_idx, q_pos_offsets=q_pos_offsets, softmax_scale=softmax_scale,
+            q_doc_idx=q_doc_idx, q_pos_offsets=q_pos_offsets, doc_prefix=doc_prefix, softmax_scale=softmax_scale,
         )  # fmt: skip
         return (out, lse) if return_lse else out
     D = q.shape[-1]
@@ -121,7 +127,7 @@ def attention_varlen(
         _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v),
         _as_int32(cu_seqlens_q, dev), _as_int32(cu_seqlens_k, dev),
         _as_int32(q_doc_idx, dev), _as_int32(q_pos_offsets, dev),
-        int(max_seqlen_q), int(max_seqlen_k), float(scale), bool(deterministic),
+        int(max_seqlen_q), int(max_seqlen_k), float(scale), bool(deterministic), _as_int32(doc_prefix, dev),
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
@@ -133,19 +139,27 @@ def attention(
     cu_seqlens: torch.Tensor | None = None,
     *,
     max_seqlen: int | None = None,
+    doc_prefix: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     deterministic: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Document-masked causal GQA attention (see the package docstring). q: [B, T, Hq, D]; k, v: [B, T, Hk, D].
 
+    doc_prefix: int [n_docs] (needs cu_seqlens): each document's shared prefix, an earlier document of
+    its row every token of which it also attends to, or -1. A DPO pair packed as [prompt | chosen |
+    rejected] gives both responses the prompt as prefix: the rejected tokens see the prompt and
+    themselves, never the chosen ones.
+
     max_seqlen: the longest document in the batch (the Triton kernel sizes its grid with it; when
     None it is read from cu_seqlens, one device sync). deterministic: see `attention_varlen`.
     """
     check_backend(backend)
     if not use_triton(backend, q, k, v) or (backend == "auto" and not _kernel_supports(q, k, v)):
-        return attention_ref(q, k, v, cu_seqlens, softmax_scale=softmax_scale)
+        return attention_ref(q, k, v, cu_seqlens, doc_prefix=doc_prefix, softmax_scale=softmax_scale)
     _check(q, k, v)
+    if doc_prefix is not None and cu_seqlens is None:
+        raise ValueError("doc_prefix names documents of cu_seqlens: pass cu_seqlens with it")
     B, T, Hq, D = q.shape
     if cu_seqlens is None:
         cu_seqlens = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
@@ -157,7 +171,7 @@ def attention(
         max_seqlen = max(e - s for s, e in zip(bounds[:-1], bounds[1:]))
     flat = lambda t: t.reshape(B * T, t.shape[2], D)
     out = attention_varlen(
-        flat(q), flat(k), flat(v), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+        flat(q), flat(k), flat(v), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, doc_prefix=doc_prefix,
         softmax_scale=softmax_scale, deterministic=deterministic, backend=backend,
     )  # fmt: skip
     assert isinstance(out, torch.Tensor)  # no return_lse: the output alone

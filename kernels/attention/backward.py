@@ -16,7 +16,7 @@ except ImportError:  # pragma: no cover - the reference path works without trito
     triton = None
 
 if triton is not None:
-    from llama3hp.kernels.attention.common import _doc_keys, _query_block, _segment_queries
+    from llama3hp.kernels.attention.common import _doc_keys, _prefix_keys, _query_block, _segment_queries
     from llama3hp.kernels.attention.tiles import _CACHE, _DKDV_CONFIGS, _DQ_CONFIGS, _pruner
 
     @triton.jit
@@ -140,6 +140,8 @@ if triton is not None:
         Q_POS,
         SEG_ORDER,
         DOC_SEG_PTR,
+        USER_ORDER,
+        USER_PTR,
         qk_scale,
         sm_scale,
         stride_qn,
@@ -161,12 +163,15 @@ if triton is not None:
         SEQ_BUCKET,
         HEAD_DIM: tl.constexpr,
         HAS_Q_POS: tl.constexpr,
+        HAS_PREFIX: tl.constexpr,
         ATOMIC_DQ: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
         """One (key block, key document, kv head): dK, dV summed over the document's query segments
-        (SEG_ORDER[DOC_SEG_PTR[d]:DOC_SEG_PTR[d + 1]]) and the GROUP q heads of the kv head."""
+        (SEG_ORDER[DOC_SEG_PTR[d]:DOC_SEG_PTR[d + 1]]) and the GROUP q heads of the kv head; with
+        HAS_PREFIX also over every query segment of the documents that use d as their shared prefix
+        (USER_ORDER[USER_PTR[d]:USER_PTR[d + 1]]), which see all of d's keys."""
         n_block = tl.program_id(0)
         doc = tl.program_id(1)
         kv_head = tl.program_id(2)
@@ -215,6 +220,21 @@ if triton is not None:
                     q_start, seqlen_q, q_off, offs_n, mask_end, seqlen_q, qk_scale, sm_scale, n_q_tokens, head,
                     HEAD_DIM, BLOCK_M, False, ATOMIC_DQ,
                 )  # fmt: skip
+        if HAS_PREFIX:
+            for t in range(tl.load(USER_PTR + doc), tl.load(USER_PTR + doc + 1)):
+                user = tl.load(USER_ORDER + t)
+                for u in range(tl.load(DOC_SEG_PTR + user), tl.load(DOC_SEG_PTR + user + 1)):
+                    seg = tl.load(SEG_ORDER + u)
+                    q_start = tl.load(CU_Q + seg).to(tl.int64)
+                    seqlen_q = (tl.load(CU_Q + seg + 1) - q_start).to(tl.int32)
+                    for g in range(GROUP):  # every query sees every key of the prefix: no mask
+                        head = kv_head * GROUP + g
+                        dk, dv = _dkdv_inner(
+                            dk, dv, k, v, Q + head * stride_qh, DO + head * stride_doh, LSE, DELTA,
+                            DQ_ACC + head * stride_dqh, stride_qn, stride_don, stride_dqn, q_start, seqlen_q, 0,
+                            offs_n, 0, seqlen_q, qk_scale, sm_scale, n_q_tokens, head, HEAD_DIM, BLOCK_M, False,
+                            ATOMIC_DQ,
+                        )  # fmt: skip
         dk *= sm_scale
         tl.store(
             DK + tok_k[:, None] * stride_dkn + kv_head * stride_dkh + offs_d[None, :],
@@ -288,6 +308,7 @@ if triton is not None:
         CU_K,
         Q_DOC,
         Q_POS,
+        PREFIX,
         qk_scale,
         sm_scale,
         stride_qn,
@@ -306,12 +327,13 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         HAS_Q_DOC: tl.constexpr,
         HAS_Q_POS: tl.constexpr,
+        HAS_PREFIX: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
         """One (query block, segment, q head): dQ by recomputing P and dP (no atomics)."""
         head = tl.program_id(2)
-        m_block, tok, row_ok, q_pos, k_start, seqlen_k, full_end, hi = _query_block(
+        m_block, tok, row_ok, q_pos, doc, k_start, seqlen_k, full_end, hi = _query_block(
             CU_Q, CU_K, Q_DOC, Q_POS, HAS_Q_DOC, HAS_Q_POS, BLOCK_M, BLOCK_N
         )
         if m_block < 0:
@@ -330,6 +352,19 @@ if triton is not None:
         k_base = K + k_start * stride_kn + kv_head * stride_kh
         v_base = V + k_start * stride_vn + kv_head * stride_vh
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        if HAS_PREFIX:  # the shared prefix's keys, all visible (as in the forward)
+            p_start, p_len = _prefix_keys(PREFIX, CU_K, doc)
+            p_full = (p_len // BLOCK_N) * BLOCK_N
+            pk_base = K + p_start * stride_kn + kv_head * stride_kh
+            pv_base = V + p_start * stride_vn + kv_head * stride_vh
+            dq = _dq_inner(
+                dq, q, do, lse, delta, pk_base, pv_base, stride_kn, stride_vn, q_pos + p_len, p_len, 0, p_full,
+                qk_scale, HEAD_DIM, BLOCK_N, False,
+            )  # fmt: skip
+            dq = _dq_inner(
+                dq, q, do, lse, delta, pk_base, pv_base, stride_kn, stride_vn, q_pos + p_len, p_len, p_full, p_len,
+                qk_scale, HEAD_DIM, BLOCK_N, True,
+            )  # fmt: skip
         # Keys [0, full_end) without the mask, then [full_end, hi) with it (see _query_block).
         dq = _dq_inner(
             dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, q_pos, seqlen_k, 0, full_end, qk_scale,
@@ -360,6 +395,16 @@ def _doc_segment_csr(
     return order, ptr
 
 
+def _prefix_user_csr(prefix: torch.Tensor, n_docs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The documents using each document as their shared prefix: (order int32 [Dk], ptr int32 [Dk + 1]),
+    order[ptr[d]:ptr[d + 1]] the users of d; built on device without a sync (-1 sorts past the end)."""
+    key = torch.where(prefix >= 0, prefix.long(), n_docs)
+    order = torch.sort(key, stable=True).indices.to(torch.int32)
+    ptr = torch.zeros(n_docs + 1, dtype=torch.int32, device=prefix.device)
+    ptr[1:] = torch.cumsum(torch.bincount(key, minlength=n_docs + 1)[:n_docs], 0)
+    return order, ptr
+
+
 def _attn_bwd(
     do: torch.Tensor,
     dlse: torch.Tensor | None,
@@ -376,8 +421,10 @@ def _attn_bwd(
     max_seqlen_k: int,
     scale: float,
     deterministic: bool,
+    prefix: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq [Nq, Hq, D], dk, dv [Nk, Hk, D]) from do [Nq, Hq, D] and the saved lse [Hq, Nq]."""
+    """Gradients (dq [Nq, Hq, D], dk, dv [Nk, Hk, D]) from do [Nq, Hq, D] and the saved lse [Hq, Nq];
+    prefix int32 [Dk] or None: each key document's shared prefix (see the forward)."""
     Nq, Hq, D = q.shape
     Nk, Hk, _ = k.shape
     n_seg, n_docs = cu_q.numel() - 1, cu_k.numel() - 1
@@ -393,6 +440,7 @@ def _attn_bwd(
         HEAD_DIM=D, HAS_DLSE=dlse is not None, BLOCK=block,
     )  # fmt: skip
     order, ptr = _doc_segment_csr(q_doc, n_seg, n_docs, q.device)
+    users, user_ptr = _prefix_user_csr(prefix, n_docs) if prefix is not None else (order, ptr)
     if deterministic:
         dq_acc = torch.empty(1, 1, 1, dtype=torch.float32, device=q.device)  # unused by the kernel
     else:
@@ -402,11 +450,11 @@ def _attn_bwd(
         grid = lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), n_docs, Hk)
         _attn_bwd_dkdv_kernel[grid](
             q, k, v, do, lse, delta, dk, dv, dq_acc, cu_q, cu_k, q_pos if q_pos is not None else cu_q, order, ptr,
-            scale * _LOG2E, scale,
+            users, user_ptr, scale * _LOG2E, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq_acc.stride(0), dq_acc.stride(1),
             Nq, Hq // Hk, bucket,
-            HEAD_DIM=D, HAS_Q_POS=q_pos is not None, ATOMIC_DQ=not deterministic,
+            HEAD_DIM=D, HAS_Q_POS=q_pos is not None, HAS_PREFIX=prefix is not None, ATOMIC_DQ=not deterministic,
         )  # fmt: skip
     if not deterministic:
         return dq_acc.to(q.dtype), dk, dv
@@ -415,9 +463,9 @@ def _attn_bwd(
     _attn_bwd_dq_kernel[grid](
         q, k, v, do, lse, delta, dq, cu_q, cu_k,
         q_doc if q_doc is not None else cu_q, q_pos if q_pos is not None else cu_q,
-        scale * _LOG2E, scale,
+        prefix if prefix is not None else cu_k, scale * _LOG2E, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dq.stride(0), dq.stride(1), Nq, Hq // Hk, bucket,
-        HEAD_DIM=D, HAS_Q_DOC=q_doc is not None, HAS_Q_POS=q_pos is not None,
+        HEAD_DIM=D, HAS_Q_DOC=q_doc is not None, HAS_Q_POS=q_pos is not None, HAS_PREFIX=prefix is not None,
     )  # fmt: skip
     return dq, dk, dv

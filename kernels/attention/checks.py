@@ -24,6 +24,7 @@ def _check_varlen(
     cu_seqlens_k: torch.Tensor,
     q_doc_idx: torch.Tensor | None,
     q_pos_offsets: torch.Tensor | None,
+    doc_prefix: torch.Tensor | None = None,
 ) -> None:
     if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[2] != k.shape[2]:
         raise ValueError(
@@ -57,6 +58,20 @@ def _check_varlen(
             raise ValueError(f"q_doc_idx entries must index the {cu_seqlens_k.numel() - 1} key documents")
         if q_pos_offsets is not None and bool((q_pos_offsets < 0).any()):
             raise ValueError("q_pos_offsets must be >= 0 (positions of each segment's first query)")
+    if doc_prefix is not None:
+        _check_doc_prefix(doc_prefix, cu_seqlens_k.numel() - 1)
+
+
+def _check_doc_prefix(doc_prefix: torch.Tensor, n_docs: int) -> None:
+    """doc_prefix [n_docs]: -1, or an EARLIER document (the shared prefix precedes what shares it)."""
+    if doc_prefix.dim() != 1 or doc_prefix.numel() != n_docs or doc_prefix.is_floating_point():
+        raise ValueError(f"doc_prefix must be a 1-D int tensor with one entry per key document ({n_docs})")
+    if doc_prefix.device.type == "cpu":  # values only where they cost no device sync
+        own = torch.arange(n_docs)
+        if bool(((doc_prefix < -1) | (doc_prefix >= own)).any()):
+            raise ValueError(
+                f"doc_prefix entries must be -1 or the index of an earlier document, got {doc_prefix.tolist()}"
+            )
 
 
 def _kernel_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

@@ -62,10 +62,10 @@ if triton is not None:
         """The query rows and key ranges of this program of a (query block, segment, q head) grid
         (the forward and dQ kernels).
 
-        Returns (m_block, tok, row_ok, q_pos, k_start, seqlen_k, full_end, hi): m_block < 0 when the
+        Returns (m_block, tok, row_ok, q_pos, doc, k_start, seqlen_k, full_end, hi): m_block < 0 when the
         segment has fewer blocks than the grid (the program has nothing to do); tok, row_ok, q_pos
         [BLOCK_M] the rows' query tokens, which of them lie in the segment, and their positions in
-        the document; the document's keys start at token k_start and number seqlen_k. Keys [0,
+        the document `doc`; its keys start at token k_start and number seqlen_k. Keys [0,
         full_end) are visible to every row of the block: no mask. Keys [full_end, hi), up to the
         last row's position, straddle the diagonal (or the end of the document): masked.
         """
@@ -86,4 +86,12 @@ if triton is not None:
         last_pos = q_off + tl.minimum(seqlen_q, (m_block + 1) * BLOCK_M) - 1
         full_end = (tl.maximum(tl.minimum(first_pos + 1, seqlen_k), 0) // BLOCK_N) * BLOCK_N
         hi = tl.minimum(seqlen_k, last_pos + 1)
-        return m_block, q_start + offs_m, row_ok, q_pos, k_start, seqlen_k, full_end, hi
+        return m_block, q_start + offs_m, row_ok, q_pos, doc, k_start, seqlen_k, full_end, hi
+
+    @triton.jit
+    def _prefix_keys(PREFIX, CU_K, doc):
+        """(first key token, length) of key document `doc`'s shared prefix, every key of which is
+        visible to every query of `doc`; length 0 when it has none (PREFIX[doc] = -1)."""
+        p_doc = tl.load(PREFIX + doc)
+        p_start, p_len = _doc_keys(CU_K, tl.maximum(p_doc, 0))
+        return p_start, tl.where(p_doc >= 0, p_len, 0)

@@ -15,7 +15,7 @@ except ImportError:  # pragma: no cover - the reference path works without trito
     triton = None
 
 if triton is not None:
-    from llama3hp.kernels.attention.common import _query_block
+    from llama3hp.kernels.attention.common import _prefix_keys, _query_block
     from llama3hp.kernels.attention.tiles import _CACHE, _FWD_CONFIGS, _pruner
 
     @triton.jit
@@ -79,6 +79,7 @@ if triton is not None:
         CU_K,
         Q_DOC,
         Q_POS,
+        PREFIX,
         qk_scale,
         stride_qn,
         stride_qh,
@@ -94,12 +95,14 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         HAS_Q_DOC: tl.constexpr,
         HAS_Q_POS: tl.constexpr,
+        HAS_PREFIX: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
-        """One (query block, segment, q head). Q/O [Nq, Hq, D]; K/V [Nk, Hk, D]; LSE fp32 [Hq, Nq]."""
+        """One (query block, segment, q head). Q/O [Nq, Hq, D]; K/V [Nk, Hk, D]; LSE fp32 [Hq, Nq];
+        PREFIX int32 [Dk] (with HAS_PREFIX): each key document's shared-prefix document or -1."""
         head = tl.program_id(2)
-        m_block, tok, row_ok, q_pos, k_start, seqlen_k, full_end, hi = _query_block(
+        m_block, tok, row_ok, q_pos, doc, k_start, seqlen_k, full_end, hi = _query_block(
             CU_Q, CU_K, Q_DOC, Q_POS, HAS_Q_DOC, HAS_Q_POS, BLOCK_M, BLOCK_N
         )
         if m_block < 0:
@@ -115,7 +118,22 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        # Keys [0, full_end) without the mask, then [full_end, hi) with it (see _query_block).
+        if HAS_PREFIX:
+            # The shared prefix (a DPO pair's prompt) first: all of its keys are visible, so only
+            # the block past its end is masked (q_pos + p_len lies past every prefix key).
+            p_start, p_len = _prefix_keys(PREFIX, CU_K, doc)
+            p_full = (p_len // BLOCK_N) * BLOCK_N
+            pk_base = K + p_start * stride_kn + kv_head * stride_kh
+            pv_base = V + p_start * stride_vn + kv_head * stride_vh
+            acc, l_i, m_i = _fwd_inner(
+                acc, l_i, m_i, q, pk_base, pv_base, stride_kn, stride_vn, q_pos + p_len, p_len, 0, p_full,
+                qk_scale, HEAD_DIM, BLOCK_N, False,
+            )  # fmt: skip
+            acc, l_i, m_i = _fwd_inner(
+                acc, l_i, m_i, q, pk_base, pv_base, stride_kn, stride_vn, q_pos + p_len, p_len, p_full, p_len,
+                qk_scale, HEAD_DIM, BLOCK_N, True,
+            )  # fmt: skip
+        # The document's own keys: [0, full_end) without the mask, then [full_end, hi) with it.
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, q_pos, seqlen_k, 0, full_end, qk_scale,
             HEAD_DIM, BLOCK_N, False,
@@ -146,8 +164,9 @@ def _attn_fwd(
     max_seqlen_q: int,
     max_seqlen_k: int,
     scale: float,
+    prefix: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [Nq, Hq, D]; k, v [Nk, Hk, D] -> (out [Nq, Hq, D], lse fp32 [Hq, Nq])."""
+    """q [Nq, Hq, D]; k, v [Nk, Hk, D]; prefix int32 [Dk] or None -> (out [Nq, Hq, D], lse fp32 [Hq, Nq])."""
     Nq, Hq, D = q.shape
     n_seg = cu_q.numel() - 1
     out = common._new_output(q.shape, q.dtype, q.device)
@@ -158,9 +177,9 @@ def _attn_fwd(
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, cu_q, cu_k,
         q_doc if q_doc is not None else cu_q, q_pos if q_pos is not None else cu_q,
-        scale * _LOG2E,
+        prefix if prefix is not None else cu_k, scale * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         Nq, Hq // k.shape[1], _seq_bucket(max(max_seqlen_q, max_seqlen_k)),
-        HEAD_DIM=D, HAS_Q_DOC=q_doc is not None, HAS_Q_POS=q_pos is not None,
+        HEAD_DIM=D, HAS_Q_DOC=q_doc is not None, HAS_Q_POS=q_pos is not None, HAS_PREFIX=prefix is not None,
     )  # fmt: skip
     return out, lse

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:  # the data package is importable without torch (`prepare`, `curate`)
     import torch
@@ -37,6 +37,27 @@ class Batch:
     # int64 [B, T]: each token's index in the flattened full rows (None: the rows are whole, the
     # index is the token's own flat position). Set on a context-parallel rank's shard.
     token_index: torch.Tensor | None = None
+    # Post-training (`llama3hp.data.examples`). int32 [n_segments]: each segment's shared prefix, an
+    # earlier segment of its row that it also attends to entirely (-1: none): DPO's shared-prompt
+    # packing [prompt | chosen | rejected] gives both responses the prompt (kernels/attention).
+    doc_prefix: torch.Tensor | None = None
+    # bool [B, T]: targets that are formatting tokens (headers, <|eot_id|>) inside a response; DPO
+    # leaves them out of its log-probability sums by default.
+    format_mask: torch.Tensor | None = None
+    # int64 [n_pairs, 2]: the (chosen, rejected) segments of each preference pair in these rows.
+    pairs: torch.Tensor | None = None
+    # int64 [n_pairs]: each pair's sample id (its line in the prepared data), the key of reference values.
+    pair_ids: torch.Tensor | None = None
+    # fp32 [n_pairs, 2]: the frozen reference model's log-probabilities of (chosen, rejected), filled
+    # by `llama3hp.posttrain.reference` before the step.
+    ref_logps: torch.Tensor | None = None
+
+    PER_TOKEN: ClassVar[tuple[str, ...]] = (
+        "inputs",
+        "targets",
+        "loss_mask",
+        "format_mask",
+    )  # the [B, T] fields a CP shard cuts
 
     @property
     def n_tokens(self) -> int:

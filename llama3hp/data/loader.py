@@ -47,9 +47,11 @@ import torch
 from llama3hp.data.batch import Batch
 from llama3hp.data.blend import Blend, parse_dataset_spec, resolve_weights
 from llama3hp.data.errors import DataError
+from llama3hp.data.examples import ExampleLoader
 from llama3hp.data.indices import DOC_SHUFFLE, SAMPLE_SHUFFLE, build_sample_idx, seeded_permutation
 from llama3hp.data.shards import TokenDataset
 from llama3hp.data.tokenizer import tokenizer_file_sha256
+from llama3hp.errors import ConfigError
 
 __all__ = ["DataConfig", "Batch", "PackedLoader", "build_loader"]
 
@@ -70,6 +72,20 @@ class DataConfig:
     tokenizer_path: str | None = None
     # Hash every shard on open and compare with the manifest (reads the whole dataset once).
     verify_checksums: bool = False
+    # Post-training data (prepared with --format sft|preference; `llama3hp.data.examples`):
+    # how a preference pair is packed: "shared_prompt" ([prompt | chosen | rejected], the prompt
+    # computed once) or "separate" ([prompt chosen] [prompt rejected]).
+    pack_pairs: str = "shared_prompt"
+    # An example longer than a row: "truncate" (the conversation, or the longer response) or "drop".
+    too_long: str = "truncate"
+
+    def validate(self) -> None:
+        for name, value, choices in (
+            ("pack_pairs", self.pack_pairs, ("shared_prompt", "separate")),
+            ("too_long", self.too_long, ("truncate", "drop")),
+        ):
+            if value not in choices:
+                raise ConfigError(f"data.{name} must be one of {', '.join(choices)}, got '{value}'")
 
 
 class _Epochs:
@@ -410,8 +426,10 @@ class PackedLoader:
 
 def build_loader(
     cfg: DataConfig, *, dp_rank: int = 0, dp_size: int = 1, tokenizer_sha256: str | None = None
-) -> PackedLoader:
-    """Open cfg.datasets (checked against the run's tokenizer) and return this rank's loader.
+) -> PackedLoader | ExampleLoader:
+    """Open cfg.datasets (checked against the run's tokenizer) and return this rank's loader: the
+    packed token stream for pre-training data, whole examples for post-training data (`kind` in the
+    manifest: sft, preference).
 
     `tokenizer_sha256` defaults to the sha256 of cfg.tokenizer_path (the packaged Llama 3 file when None).
     """
@@ -422,5 +440,14 @@ def build_loader(
     specs = [parse_dataset_spec(s) for s in cfg.datasets]
     expected = tokenizer_sha256 or tokenizer_file_sha256(cfg.tokenizer_path)
     datasets = [TokenDataset(s.path, tokenizer_sha256=expected, verify=cfg.verify_checksums) for s in specs]
+    if any(ds.kind != "pretrain" for ds in datasets):
+        if any(s.weight is not None for s in specs):
+            raise DataError(
+                "post-training datasets are read whole, in turn: drop the ':weight' of data.datasets"
+            )
+        return ExampleLoader(
+            datasets, seed=cfg.seed, dp_rank=dp_rank, dp_size=dp_size, pack_pairs=cfg.pack_pairs,
+            too_long=cfg.too_long,
+        )  # fmt: skip
     weights = resolve_weights(specs, [ds.n_tokens for ds in datasets])
     return PackedLoader(datasets, weights, seed=cfg.seed, dp_rank=dp_rank, dp_size=dp_size)

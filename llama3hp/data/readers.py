@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from llama3hp.data.errors import DataError
 
@@ -26,6 +27,7 @@ __all__ = [
     "jsonl_blocks",
     "read_text_file",
     "read_jsonl_records",
+    "read_jsonl_objects",
     "read_task",
 ]
 
@@ -144,21 +146,8 @@ def _optional_str(obj: dict, key: str, where: str) -> str | None:
 
 def read_jsonl_records(task: Task, text_field: str = "text", *, metadata: bool = False) -> list[Record]:
     """The documents of a JSONL task; `metadata` also reads `url` and `id` (default id: path:line)."""
-    try:
-        with open(task.path, "rb") as f:
-            f.seek(task.offset)
-            data = f.read(task.length)
-    except OSError as e:
-        raise DataError(f"cannot read input file {task.path}: {e.strerror}") from None
     records = []
-    for i, line in enumerate(data.split(b"\n")):
-        if not line.strip():
-            continue
-        where = f"{task.path} line {task.first_line + i}"
-        try:
-            obj = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise DataError(f"{where} is not valid JSON; fix or remove that line") from None
+    for where, obj in read_jsonl_objects(task):
         if not isinstance(obj, dict) or text_field not in obj:
             raise DataError(
                 f"{where} has no '{text_field}' field; set text_field to the field holding the text"
@@ -167,11 +156,31 @@ def read_jsonl_records(task: Task, text_field: str = "text", *, metadata: bool =
         if not isinstance(text, str):
             raise DataError(f"{where} field '{text_field}' is {type(text).__name__}, not a string")
         if metadata:
-            doc_id = _optional_str(obj, "id", where) or f"{task.path}:{task.first_line + i}"
+            doc_id = _optional_str(obj, "id", where) or where.replace(" line ", ":")
             records.append(Record(text, doc_id, _optional_str(obj, "url", where)))
         else:
             records.append(Record(text, ""))
     return records
+
+
+def read_jsonl_objects(task: Task) -> list[tuple[str, Any]]:
+    """(where, object) of every non-blank line of a JSONL task; `where` is "path line N"."""
+    try:
+        with open(task.path, "rb") as f:
+            f.seek(task.offset)
+            data = f.read(task.length)
+    except OSError as e:
+        raise DataError(f"cannot read input file {task.path}: {e.strerror}") from None
+    out = []
+    for i, line in enumerate(data.split(b"\n")):
+        if not line.strip():
+            continue
+        where = f"{task.path} line {task.first_line + i}"
+        try:
+            out.append((where, json.loads(line)))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise DataError(f"{where} is not valid JSON; fix or remove that line") from None
+    return out
 
 
 def read_task(task: Task, text_field: str = "text", *, metadata: bool = False) -> Iterator[Record]:

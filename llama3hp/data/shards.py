@@ -1,12 +1,18 @@
 """Prepared token datasets on disk: writing them and opening them memory-mapped.
 
-Layout of a prepared dataset directory (format `llama3hp-tokens`, version 1):
+Layout of a prepared dataset directory (format `llama3hp-tokens`, version 2; version 1, the same
+without `kind` and the post-training files, still loads):
 
 - `shard_00000.bin`, ...: flat little-endian uint32 token ids of whole documents, back to back.
 - `shard_00000.idx`, ...: little-endian int64 document offsets into that shard, n_docs + 1 values
   (0 first, the shard's token count last). Documents never straddle shards.
-- `manifest.json`: format and version, token and document counts, every shard with its token and
-  document counts and the sha256 of both files, the tokenizer (sha256, vocabulary size, bos/eos
+- post-training datasets (`kind` "sft" or "preference", `llama3hp.data.chat`) also have
+  `shard_00000.role` (one uint8 role a token: 0 context, 1 response, 2 formatting inside a
+  response) and, for preferences, `shard_00000.pair` (int64 [n_docs, 4] per pair: sample id, and
+  the lengths of its prompt, chosen and rejected parts; a document is the pair's
+  [prompt | chosen | rejected | edited] tokens, the edited part being what is left).
+- `manifest.json`: format, version and kind, token and document counts, every shard with its token
+  and document counts and the sha256 of its files, the tokenizer (sha256, vocabulary size, bos/eos
   ids), the per-input sha256 and counts, and the settings used.
 
 A dataset is written into a temporary sibling directory that is renamed into place only once the
@@ -30,9 +36,14 @@ from llama3hp.data.errors import DataError
 __all__ = ["TokenDataset", "ShardWriter", "write_token_dataset", "FORMAT_NAME", "FORMAT_VERSION"]
 
 FORMAT_NAME = "llama3hp-tokens"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+KINDS = ("pretrain", "sft", "preference")
 TOKEN_DTYPE = np.dtype("<u4")
 INDEX_DTYPE = np.dtype("<i8")
+ROLE_DTYPE = np.dtype("u1")
+PAIR_DTYPE = np.dtype("<i8")
+PAIR_COLUMNS = 4  # sample id, prompt, chosen and rejected lengths
 DEFAULT_SHARD_TOKENS = 1 << 28  # 1 GiB of uint32 per shard: few files, each still easy to copy and hash
 _HASH_BLOCK = 1 << 24
 
@@ -52,11 +63,14 @@ class ShardWriter:
     target by up to one document (documents are never split across shards).
     """
 
-    def __init__(self, directory: Path, shard_tokens: int = DEFAULT_SHARD_TOKENS):
+    def __init__(self, directory: Path, shard_tokens: int = DEFAULT_SHARD_TOKENS, kind: str = "pretrain"):
         if shard_tokens < 1:
             raise DataError(f"shard_tokens must be >= 1, got {shard_tokens}")
         self.directory = Path(directory)
         self.shard_tokens = int(shard_tokens)
+        self.kind = kind
+        self._roles: list[np.ndarray] = []  # the open shard's per-token roles and pair rows
+        self._pairs: list[np.ndarray] = []
         self.shards: list[dict[str, Any]] = []
         self.n_tokens = 0
         self.n_docs = 0
@@ -76,26 +90,47 @@ class ShardWriter:
         i = len(self.shards)
         idx = np.asarray(self._offsets, dtype=INDEX_DTYPE).tobytes()
         (self.directory / f"shard_{i:05d}.idx").write_bytes(idx)
-        self.shards.append(
-            {
-                "tokens": f"shard_{i:05d}.bin",
-                "index": f"shard_{i:05d}.idx",
-                "n_tokens": self._offsets[-1],
-                "n_docs": len(self._offsets) - 1,
-                "sha256": self._hash.hexdigest(),
-                "index_sha256": hashlib.sha256(idx).hexdigest(),
-            }
-        )
+        entry = {
+            "tokens": f"shard_{i:05d}.bin",
+            "index": f"shard_{i:05d}.idx",
+            "n_tokens": self._offsets[-1],
+            "n_docs": len(self._offsets) - 1,
+            "sha256": self._hash.hexdigest(),
+            "index_sha256": hashlib.sha256(idx).hexdigest(),
+        }
+        extras = []
+        if self.kind != "pretrain":
+            extras.append(("roles", "role", np.concatenate(self._roles).astype(ROLE_DTYPE)))
+        if self.kind == "preference":
+            extras.append(("pairs", "pair", np.concatenate(self._pairs).astype(PAIR_DTYPE)))
+        for key, suffix, arr in extras:
+            data = arr.tobytes()
+            (self.directory / f"shard_{i:05d}.{suffix}").write_bytes(data)
+            entry[key], entry[f"{key}_sha256"] = f"shard_{i:05d}.{suffix}", hashlib.sha256(data).hexdigest()
+        self._roles, self._pairs = [], []
+        self.shards.append(entry)
         self._file = None
         self._hash = None
 
-    def add(self, tokens: np.ndarray, doc_lens: np.ndarray) -> None:
-        """Append documents given back to back: tokens uint32 [sum(doc_lens)], doc_lens int [n_docs]."""
+    def add(
+        self,
+        tokens: np.ndarray,
+        doc_lens: np.ndarray,
+        roles: np.ndarray | None = None,
+        pairs: np.ndarray | None = None,
+    ) -> None:
+        """Append documents given back to back: tokens uint32 [sum(doc_lens)], doc_lens int [n_docs];
+        for a post-training kind also roles uint8 [sum(doc_lens)] and (preference) pairs int64
+        [n_docs, 4]."""
         tokens = np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE)
         doc_lens = np.asarray(doc_lens, dtype=np.int64)
         if int(doc_lens.sum()) != tokens.size:
             raise DataError(
                 f"document lengths sum to {int(doc_lens.sum())} but {tokens.size} tokens were given"
+            )
+        if (roles is None) != (self.kind == "pretrain") or (pairs is None) != (self.kind != "preference"):
+            raise ValueError(
+                f"a {self.kind} dataset takes roles with sft/preference and pairs with preference"
             )
         pos, d = 0, 0
         while d < doc_lens.size:
@@ -111,6 +146,10 @@ class ShardWriter:
             assert self._file is not None  # opened above
             self._file.write(chunk.tobytes())
             self._hash.update(chunk.tobytes())
+            if roles is not None:
+                self._roles.append(np.asarray(roles[pos : pos + n]))
+            if pairs is not None:
+                self._pairs.append(np.asarray(pairs[d : d + k]).reshape(-1, PAIR_COLUMNS))
             base = self._offsets[-1]
             self._offsets.extend((base + cum[:k]).tolist())
             self.n_tokens += n
@@ -188,10 +227,12 @@ def build_manifest(
     inputs: list[dict[str, Any]] | None = None,
     settings: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    kind: str = "pretrain",
 ) -> dict[str, Any]:
     return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
+        "kind": kind,
         "dtype": "uint32-le",
         "n_tokens": sum(s["n_tokens"] for s in shards),
         "n_docs": sum(s["n_docs"] for s in shards),
@@ -247,7 +288,9 @@ class TokenDataset:
     """A prepared dataset opened read-only: shards memory-mapped, never read into RAM.
 
     Attributes: `n_docs`, `n_tokens`, `doc_lens` int64 [n_docs] (documents numbered across shards in
-    manifest order), `vocab_size`, `tokenizer_sha256`, `manifest`.
+    manifest order), `vocab_size`, `tokenizer_sha256`, `manifest`, `kind` ("pretrain", "sft",
+    "preference"), and for preferences `pairs` int64 [n_docs, 4] (sample id, prompt, chosen and
+    rejected lengths).
     """
 
     def __init__(self, path: str | os.PathLike, *, tokenizer_sha256: str | None = None, verify: bool = False):
@@ -263,12 +306,19 @@ class TokenDataset:
             raise DataError(f"manifest {mpath} is not valid JSON ({e}); re-run prepare") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
             raise DataError(f"manifest {mpath} is not a {FORMAT_NAME} manifest; re-run prepare")
-        if manifest.get("version") != FORMAT_VERSION:
+        if manifest.get("version") not in READABLE_VERSIONS:
             raise DataError(
-                f"manifest {mpath} has format version {manifest.get('version')!r}, this code reads version "
-                f"{FORMAT_VERSION}; re-run prepare with this llama3hp"
+                f"manifest {mpath} has format version {manifest.get('version')!r}, this code reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}; re-run prepare with this llama3hp"
             )
         self.manifest = manifest
+        self.kind: str = manifest.get("kind", "pretrain")
+        if self.kind not in KINDS:
+            raise DataError(
+                f"manifest {mpath} has kind {self.kind!r}, expected one of {', '.join(KINDS)}; re-run prepare"
+            )
+        self._roles: list[np.memmap] = []
+        pairs: list[np.ndarray] = []
         self.tokenizer_sha256: str = manifest["tokenizer"]["sha256"]
         self.vocab_size: int = int(manifest["tokenizer"]["vocab_size"])
         if tokenizer_sha256 is not None and tokenizer_sha256 != self.tokenizer_sha256:
@@ -282,10 +332,17 @@ class TokenDataset:
         for i, shard in enumerate(manifest["shards"]):
             tpath, ipath = self.path / shard["tokens"], self.path / shard["index"]
             n_tok, n_doc = int(shard["n_tokens"]), int(shard["n_docs"])
-            for p, want in (
-                (tpath, n_tok * TOKEN_DTYPE.itemsize),
-                (ipath, (n_doc + 1) * INDEX_DTYPE.itemsize),
-            ):
+            files = [
+                (tpath, n_tok * TOKEN_DTYPE.itemsize, "sha256"),
+                (ipath, (n_doc + 1) * INDEX_DTYPE.itemsize, "index_sha256"),
+            ]
+            if self.kind != "pretrain":
+                files.append((self.path / shard["roles"], n_tok * ROLE_DTYPE.itemsize, "roles_sha256"))
+            if self.kind == "preference":
+                files.append(
+                    (self.path / shard["pairs"], n_doc * PAIR_COLUMNS * PAIR_DTYPE.itemsize, "pairs_sha256")
+                )
+            for p, want, _ in files:
                 if not p.is_file():
                     raise DataError(f"shard file {p} is missing; re-run prepare or restore the dataset")
                 size = p.stat().st_size
@@ -295,7 +352,7 @@ class TokenDataset:
                         f"(truncated or corrupt); re-run prepare or restore the file"
                     )
             if verify:
-                for p, key in ((tpath, "sha256"), (ipath, "index_sha256")):
+                for p, _, key in files:
                     got = file_sha256(p)
                     if got != shard[key]:
                         raise DataError(
@@ -307,6 +364,10 @@ class TokenDataset:
             if offsets[0] != 0 or offsets[-1] != n_tok or (d.size and d.min() <= 0):
                 raise DataError(f"document index {ipath} is inconsistent with its shard; re-run prepare")
             self._tokens.append(np.memmap(tpath, dtype=TOKEN_DTYPE, mode="r", shape=(n_tok,)))
+            if self.kind != "pretrain":
+                self._roles.append(np.memmap(files[2][0], dtype=ROLE_DTYPE, mode="r", shape=(n_tok,)))
+            if self.kind == "preference":
+                pairs.append(np.fromfile(files[3][0], dtype=PAIR_DTYPE).reshape(n_doc, PAIR_COLUMNS))
             lens.append(d)
             shard_of.append(np.full(n_doc, i, dtype=np.int32))
             start_in_shard.append(offsets[:-1])
@@ -317,6 +378,9 @@ class TokenDataset:
         self._doc_start = np.concatenate(start_in_shard).astype(np.int64)
         self.n_docs = int(self.doc_lens.size)
         self.n_tokens = int(self.doc_lens.sum())
+        self.pairs: np.ndarray | None = np.concatenate(pairs) if pairs else None
+        if self.pairs is not None and bool((self.pairs[:, 1:].sum(1) > self.doc_lens).any()):
+            raise DataError(f"pair index of {self.path} disagrees with its documents; re-run prepare")
         if self.n_tokens != int(manifest["n_tokens"]) or self.n_docs != int(manifest["n_docs"]):
             raise DataError(f"manifest {mpath} totals disagree with its shards; re-run prepare")
 
@@ -356,6 +420,16 @@ class TokenDataset:
             mm = np.memmap(str(mm.filename), dtype=TOKEN_DTYPE, mode="c", shape=mm.shape)
             self._tokens[shard] = mm
         mm[token] |= np.uint32(0xFF000000)
+
+    def doc_roles(self, doc: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Roles uint8 [stop - start] of a post-training document's tokens (`llama3hp.data.chat`)."""
+        if not self._roles:
+            raise DataError(
+                f"dataset {self.path} is a {self.kind} dataset without token roles; prepare it with --format sft|preference"
+            )
+        base = int(self._doc_start[doc])
+        stop = int(self.doc_lens[doc]) if stop is None else stop
+        return self._roles[int(self._doc_shard[doc])][base + start : base + stop]
 
     def __len__(self) -> int:
         return self.n_docs

@@ -113,6 +113,16 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def hf_max_position_embeddings(args: ModelArgs) -> int:
+    """max_position_embeddings for config.json. transformers warns unless the Llama 3.1 scaling's
+    original_max_position_embeddings (8192) is below it, and the tiny preset's context is 2048: then
+    the context the scaling stretches the original window to (factor x 8192) is written. HF's Llama
+    reads the value only in that check, so the model computes the same."""
+    if args.rope_scaling and args.max_seq_len <= args.rope_original_max_seq_len:
+        return int(args.rope_scale_factor * args.rope_original_max_seq_len)
+    return args.max_seq_len
+
+
 def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
     cfg = {
         "architectures": ["LlamaForCausalLM"],
@@ -126,7 +136,10 @@ def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
         "vocab_size": args.vocab_size,
         "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta,
-        "max_position_embeddings": args.max_seq_len,
+        "max_position_embeddings": hf_max_position_embeddings(args),
+        # Our own context length, read back by the importer when max_position_embeddings had to be
+        # raised (transformers keeps unknown keys silently).
+        "llama3hp_max_seq_len": args.max_seq_len,
         "tie_word_embeddings": args.tie_embeddings,
         "hidden_act": "silu",
         "attention_bias": False,
@@ -148,10 +161,58 @@ def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
     return cfg
 
 
+_ROPE_KEYS = {
+    "default": {"rope_type", "type", "rope_theta"},
+    "llama3": {"rope_type", "type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor",
+               "original_max_position_embeddings"},
+}  # fmt: skip
+
+
+def _rope_from_hf_config(cfg: dict) -> tuple[float, dict | None]:
+    """(θ, the Llama 3.1 scaling dict or None) from any of the config forms transformers writes:
+    - up to transformers 4: top-level `rope_theta` and `rope_scaling` (None, or {"rope_type": "llama3", ...});
+    - transformers 5: `rope_parameters` ({"rope_type": "default" | "llama3", "rope_theta": ..., ...})
+      and neither top-level key.
+    Every form gives the same model. A RoPE type or key llama3hp does not implement, or two forms
+    that disagree, is a ConfigError: a silent default would compute other logits from position 1 on.
+    No RoPE setting at all is θ = 10,000 without scaling, as transformers itself reads it."""
+    params, scaling, theta = cfg.get("rope_parameters"), cfg.get("rope_scaling"), cfg.get("rope_theta")
+    if params is not None:
+        if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+            raise ConfigError(f"unrecognised rope_parameters in config.json: {params!r:.120}")
+        if theta is not None and params.get("rope_theta", theta) != theta:
+            raise ConfigError(
+                f"config.json gives rope_theta {theta} and rope_parameters.rope_theta {params['rope_theta']}"
+            )
+        if scaling and any(params.get(k) != v for k, v in scaling.items() if k not in ("type", "rope_type")):
+            raise ConfigError("config.json's rope_scaling and rope_parameters disagree")
+        theta = params.get("rope_theta", theta)
+        scaling = params
+    if scaling is not None and not isinstance(scaling, dict):
+        raise ConfigError(f"unrecognised rope_scaling in config.json: {scaling!r:.120}")
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type not in _ROPE_KEYS:
+        raise ConfigError(
+            f"unsupported RoPE type {rope_type!r} in config.json: llama3hp implements 'default' and "
+            "'llama3' (Llama 3.1 scaling)"
+        )
+    unknown = sorted(set(scaling or {}) - _ROPE_KEYS[rope_type])
+    if unknown:
+        raise ConfigError(
+            f"unrecognised RoPE setting(s) {unknown} for rope_type {rope_type!r} in config.json"
+        )
+    if theta is None:
+        theta = 10000.0
+    if not isinstance(theta, int | float) or theta <= 0:
+        raise ConfigError(f"rope_theta in config.json must be a positive number, got {theta!r}")
+    return float(theta), (scaling if rope_type == "llama3" else None)
+
+
 def args_from_hf_config(cfg: dict) -> ModelArgs:
     if cfg.get("model_type", "llama") != "llama":
         raise ConfigError(f"config.json is for model_type {cfg.get('model_type')!r}, not 'llama'")
     dim, hidden = cfg["hidden_size"], cfg["intermediate_size"]
+    theta, rs = _rope_from_hf_config(cfg)
     args = ModelArgs(
         dim=dim,
         n_layers=cfg["num_hidden_layers"],
@@ -159,8 +220,8 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
         n_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
         vocab_size=cfg["vocab_size"],
         norm_eps=cfg.get("rms_norm_eps", 1e-5),
-        rope_theta=cfg.get("rope_theta", 10000.0),
-        max_seq_len=cfg.get("max_position_embeddings", 8192),
+        rope_theta=theta,
+        max_seq_len=cfg.get("llama3hp_max_seq_len", cfg.get("max_position_embeddings", 8192)),
         tie_embeddings=cfg.get("tie_word_embeddings", False),
         # HF stores the FFN width itself; express it exactly as Llama's rule with multiple_of = hidden.
         multiple_of=hidden,
@@ -168,19 +229,15 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
     )
     if args.ffn_dim != hidden:  # the rule rounds up to one multiple of `hidden` only if 8/3*dim <= hidden
         args.ffn_dim_multiplier = hidden / int(2 * 4 * dim / 3)
-    rs = cfg.get("rope_scaling")
-    if rs:
-        if rs.get("rope_type", rs.get("type")) != "llama3":
-            raise ConfigError(
-                f"unsupported rope_scaling type {rs.get('rope_type')!r}: only 'llama3' is implemented"
-            )
-        args.rope_scaling = True
-        args.rope_scale_factor = rs["factor"]
-        args.rope_low_freq_factor = rs["low_freq_factor"]
-        args.rope_high_freq_factor = rs["high_freq_factor"]
-        args.rope_original_max_seq_len = rs["original_max_position_embeddings"]
-    else:
-        args.rope_scaling = False
+    args.rope_scaling = rs is not None
+    if rs is not None:
+        try:
+            args.rope_scale_factor = float(rs["factor"])
+            args.rope_low_freq_factor = float(rs["low_freq_factor"])
+            args.rope_high_freq_factor = float(rs["high_freq_factor"])
+            args.rope_original_max_seq_len = int(rs["original_max_position_embeddings"])
+        except KeyError as e:
+            raise ConfigError(f"config.json's llama3 RoPE scaling lacks {e.args[0]!r}") from None
     if args.ffn_dim != hidden:
         raise ConfigError(f"cannot express intermediate_size {hidden} with Llama's FFN rule for dim {dim}")
     return args.validate()

@@ -22,8 +22,16 @@ from llama3hp.kernels.dispatch import matmul_dtype
 
 def groupable(linears: Sequence[nn.Module | torch.Tensor]) -> bool:
     """Whether `grouped_linear` can run these as one GEMM: two or more bias-free linears, all plain
-    nn.Linear or all Fp8Linear with one FP8 config (not TE modules, not a mix)."""
+    nn.Linear, all Fp8Linear or all Fp8InferenceLinear with one FP8 config (not TE modules, not a mix)."""
     kind = type(linears[0])
+    from llama3hp.fp8.inference import Fp8InferenceLinear
+
+    if kind is Fp8InferenceLinear:  # FP8 serving: one quantization of x, one GEMM over packed rows
+        return len(linears) > 1 and all(
+            type(lin) is kind
+            and cast(Fp8InferenceLinear, lin).fp8_config == cast(Fp8InferenceLinear, linears[0]).fp8_config
+            for lin in linears
+        )
     lins = [lin for lin in linears if isinstance(lin, nn.Linear) and type(lin) is kind and lin.bias is None]
     if len(linears) < 2 or len(lins) != len(linears):
         return False
@@ -54,6 +62,46 @@ class CatCast(torch.autograd.Function):
         return None, *(g.to(dt) for g, dt in zip(grad.split(ctx.rows), ctx.dtypes))
 
 
+def packed_rows(weights: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The weights [O_k, K] as ONE [sum of O_k, K] view when they already are consecutive row blocks
+    of one buffer (`pack_rows_` made them so) and no gradient is wanted, else None.
+
+    A decode step is bound by reading the weights: concatenating q/k/v (or w1/w3) on every call, as
+    `CatCast` does for training's fp32 masters, would read and write them once more per token."""
+    first = weights[0]
+    if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+        return None
+    ptr = first.data_ptr()
+    for w in weights:
+        if (
+            not w.is_contiguous()
+            or w.dtype != first.dtype
+            or w.shape[1:] != first.shape[1:]
+            or w.data_ptr() != ptr
+            or w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+        ):
+            return None
+        ptr += w.numel() * w.element_size()
+    rows = sum(w.shape[0] for w in weights)
+    return first.as_strided((rows, *first.shape[1:]), first.stride())
+
+
+def pack_rows_(linears: Sequence[nn.Module], attr: str = "weight") -> None:
+    """Re-home the `attr` tensors [O_k, ...] of `linears` into consecutive rows of one new buffer, in
+    order (values, names and dtypes unchanged), so `packed_rows` reads them as one matrix for free.
+    For inference (the tensors lose their gradient): the serving engine packs q/k/v and w1/w3."""
+    tensors = [getattr(lin, attr) for lin in linears]
+    buf = torch.cat([t.detach() for t in tensors])
+    start = 0
+    for lin, t in zip(linears, tensors):
+        view = buf[start : start + t.shape[0]]
+        start += t.shape[0]
+        if isinstance(t, nn.Parameter):
+            setattr(lin, attr, nn.Parameter(view, requires_grad=False))
+        else:
+            setattr(lin, attr, view)
+
+
 def grouped_linear(x: torch.Tensor, linears: Sequence[nn.Linear]) -> torch.Tensor:
     """The linears of x as ONE GEMM over their concatenated weights: [..., sum of their outputs], each
     linear's outputs in order (under TP: the local shards'). The linears must be `groupable`.
@@ -68,10 +116,22 @@ def grouped_linear(x: torch.Tensor, linears: Sequence[nn.Linear]) -> torch.Tenso
     """
     if type(linears[0]) is nn.Linear:
         dt = matmul_dtype(x)
-        return F.linear(x.to(dt), CatCast.apply(dt, *(lin.weight for lin in linears)))
+        weights = [lin.weight for lin in linears]
+        packed = packed_rows(weights)
+        if packed is not None and packed.dtype == dt:  # inference: no copy at all
+            return F.linear(x.to(dt), packed)
+        return F.linear(x.to(dt), CatCast.apply(dt, *weights))
+    from llama3hp.fp8.inference import Fp8InferenceLinear, fp8_inference_gemm
     from llama3hp.fp8.linear import Fp8Linear, fp8_linear
 
     first = linears[0]
+    if isinstance(first, Fp8InferenceLinear):
+        mods = cast(Sequence[Fp8InferenceLinear], linears)
+        wq = packed_rows([m.weight for m in mods])
+        scales = packed_rows([m.weight_scale_inv for m in mods])
+        if wq is None or scales is None:
+            wq, scales = torch.cat([m.weight for m in mods]), torch.cat([m.weight_scale_inv for m in mods])
+        return fp8_inference_gemm(x, wq, scales, first.fp8_config)
     assert isinstance(first, Fp8Linear)
     return fp8_linear(x, torch.cat([lin.weight for lin in linears]), None, first.fp8_config)
 

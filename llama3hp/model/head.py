@@ -7,7 +7,8 @@ objective (`llama3hp.train.objectives`) asks only for what it needs.
 
 Tensor and context parallelism swap the head for `llama3hp.parallel.vocab_parallel.ParallelHead`,
 which keeps the parameter name (`output.weight`, a vocabulary shard under TP) and overrides the
-three methods a `HeadOutput` calls: `cross_entropy`, `logits` and `reduce_documents`. So the model's
+four methods a `HeadOutput` calls: `cross_entropy`, `token_logprobs` (the fused chunked log-prob
+kernel, `kernels/logprobs.py`, vocab-parallel under TP), `logits` and `reduce_documents`. So the model's
 forward, and every objective, is the same on one process and on any layout.
 
 Shape legend: B rows, T tokens per row (a rank's local tokens under CP), D model dim, V vocabulary
@@ -57,7 +58,7 @@ class OutputHead(nn.Module):
         """h: [B, T, D] final normed hidden states."""
         return HeadOutput(self, h)
 
-    # What a HeadOutput computes with; ParallelHead overrides these three.
+    # What a HeadOutput computes with; ParallelHead overrides these four.
     def cross_entropy(
         self,
         h: torch.Tensor,
@@ -71,6 +72,14 @@ class OutputHead(nn.Module):
         return K.linear_cross_entropy(
             h.reshape(-1, h.shape[-1]), self.projection(), targets.reshape(-1), ignore_index=ignore_index,
             reduction=reduction, z_loss_scale=z_loss_scale, backend=self.backend,
+        )  # fmt: skip
+
+    def token_logprobs(self, h: torch.Tensor, targets: torch.Tensor, *, ignore_index: int) -> torch.Tensor:
+        """log p(target) fp32 [N] of h [B, T, D] against targets [B, T] (0 where ignored): the
+        ignored rows never reach a GEMM, the logits are chunked (`kernels/logprobs.py`)."""
+        return K.linear_logprobs(
+            h.reshape(-1, h.shape[-1]), self.projection(), targets.reshape(-1), ignore_index=ignore_index,
+            backend=self.backend,
         )  # fmt: skip
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -103,7 +112,7 @@ class HeadOutput:
 
     def token_logprobs(self, targets: torch.Tensor, *, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
         """log p(target) of each token, fp32 [N] (0 where the target is ignored); differentiable."""
-        return -self.loss(targets, reduction="none", ignore_index=ignore_index)
+        return self.head.token_logprobs(self.h, targets, ignore_index=ignore_index)
 
     def document_sums(self, values: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Per-document sums [n_docs] of per-token values [B, T] or [N] of this batch, over the
@@ -145,6 +154,10 @@ class HeadOutput:
         model read (a sequence's log-likelihood)."""
         return self.document_sums(self.token_logprobs(batch.targets, ignore_index=ignore_index), batch)
 
-    def logits(self) -> torch.Tensor:
-        """[B, T, V] logits (materialised: for inference and tests, not for a loss)."""
-        return self.head.logits(self.h)
+    def logits(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T, V] logits (materialised: for inference and tests, not for a loss); with `rows`
+        (int [R], indices into the flattened B*T tokens) only those rows' logits, [R, V]: a serving
+        step projects just the tokens it samples from (the last of each prompt), not every one."""
+        if rows is None:
+            return self.head.logits(self.h)
+        return self.head.logits(self.h.reshape(-1, self.h.shape[-1]).index_select(0, rows))

@@ -64,6 +64,7 @@ class Attention(nn.Module):
         inv_freq: torch.Tensor,
         cu_seqlens: torch.Tensor | None,
         max_seqlen: int | None,
+        doc_prefix: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         # -1 rather than n_heads: under tensor parallelism each rank holds a slice of the heads.
@@ -71,7 +72,9 @@ class Attention(nn.Module):
             t.view(B, T, -1, self.head_dim) for t in grouped_linears(x_BTD, [self.wq, self.wk, self.wv])
         )
         q, k = K.apply_rope(q, k, positions_BT, inv_freq, backend=self.kernels.rope)
-        o = K.attention(q, k, v, cu_seqlens, max_seqlen=max_seqlen, backend=self.kernels.attention)
+        o = K.attention(
+            q, k, v, cu_seqlens, max_seqlen=max_seqlen, doc_prefix=doc_prefix, backend=self.kernels.attention
+        )
         return self.wo(o.reshape(B, T, -1))
 
 
@@ -102,8 +105,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, args.kernels.rmsnorm)
         self.feed_forward: nn.Module = FeedForward(args)
 
-    def forward(self, x, positions, inv_freq, cu_seqlens, max_seqlen):
-        a = self.attention(self.attention_norm(x), positions, inv_freq, cu_seqlens, max_seqlen)
+    def forward(self, x, positions, inv_freq, cu_seqlens, max_seqlen, doc_prefix=None):
+        a = self.attention(self.attention_norm(x), positions, inv_freq, cu_seqlens, max_seqlen, doc_prefix)
         y, h = self.ffn_norm.add_and_norm(a, x)  # h = x + a, fused with the FFN's norm
         return h + self.feed_forward(y)
 
@@ -164,6 +167,7 @@ class Transformer(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
         positions: torch.Tensor | None = None,
+        doc_prefix: torch.Tensor | None = None,
         reduction: str = "mean",
         ignore_index: int = IGNORE_INDEX,
         z_loss_scale: float = 0.0,
@@ -173,7 +177,9 @@ class Transformer(nn.Module):
 
         cu_seqlens: int32 [n_docs + 1] document boundaries over the flattened B*T tokens (None: one
         document per row); max_seqlen: the longest document; positions: [B, T] RoPE positions
-        (default: restart per document when args.doc_positions, else 0..T-1).
+        (default: restart per document when args.doc_positions, else 0..T-1); doc_prefix: int
+        [n_docs], each document's shared prefix (an earlier document it also attends to entirely: a
+        DPO pair's prompt) or -1 (`llama3hp.kernels.attention`).
         Returns, on a stage without the head, the hidden states [B, T, D]; else with targets [B, T]
         the loss (`HeadOutput.loss`: fp32 scalar; [B*T] for reduction="none"), and without them the
         `HeadOutput` (final hidden states bound to the head: losses, log-probabilities, logits).
@@ -181,9 +187,15 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if positions is None:
             B, T = tokens.shape[:2]
-            positions = document_positions(cu_seqlens if self.args.doc_positions else None, B, T, h.device)
+            positions = document_positions(
+                cu_seqlens if self.args.doc_positions or doc_prefix is not None else None,
+                B,
+                T,
+                h.device,
+                doc_prefix,
+            )
         for layer in self.layers.values():
-            h = layer(h, positions, self.inv_freq, cu_seqlens, max_seqlen)
+            h = layer(h, positions, self.inv_freq, cu_seqlens, max_seqlen, doc_prefix)
         if self.output is None or self.norm is None:
             return h
         out = self.output(self.norm(h))

@@ -32,11 +32,21 @@ def rope_inv_freq(args: ModelArgs, device: torch.device | str | None = None) -> 
     return inv_freq.to(device=device, dtype=torch.float32)
 
 
-def document_positions(cu_seqlens: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:
+def document_positions(
+    cu_seqlens: torch.Tensor | None, B: int, T: int, device, doc_prefix: torch.Tensor | None = None
+) -> torch.Tensor:
     """RoPE positions int64 [B, T]: restart at 0 at each segment start of cu_seqlens (over the
-    flattened B*T tokens; None: 0..T-1 in every row). The one place positions are built."""
+    flattened B*T tokens; None: 0..T-1 in every row); a segment with a shared prefix (doc_prefix
+    [n_segments], -1 for none) continues after it: the prefix's length is its first position, so a
+    response after a shared prompt sits where it would right after that prompt. The one place
+    positions are built."""
     if cu_seqlens is None:
         return torch.arange(T, device=device).expand(B, T)
-    doc = K.document_ids(cu_seqlens, B * T)
-    pos = torch.arange(B * T, device=device, dtype=torch.int64) - cu_seqlens.to(torch.int64)[doc]
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    doc = K.document_ids(cu, B * T)
+    pos = torch.arange(B * T, device=device, dtype=torch.int64) - cu[doc]
+    if doc_prefix is not None:
+        lens = cu[1:] - cu[:-1]
+        pre = doc_prefix.to(device=device, dtype=torch.int64)
+        pos = pos + torch.where(pre >= 0, lens[pre.clamp(min=0)], 0)[doc]
     return pos.view(B, T)

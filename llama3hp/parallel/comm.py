@@ -29,6 +29,13 @@ def all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None, async_op: bool 
     return dist.all_reduce(x, group=group, async_op=async_op)
 
 
+def all_reduced(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """A new tensor: the sum of x over group (x itself is left as it is)."""
+    out = x.contiguous().clone()
+    all_reduce(out, group)
+    return out
+
+
 def all_gather_dim(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Concatenate x from every rank of group along dim, in group-rank order."""
     n = group_size(group)

@@ -74,17 +74,19 @@ def shard_batch(batch: Batch, cp: int, rank: int, *, doc_positions: bool = True)
     cu = batch.cu_seqlens
     pos = batch.positions
     if pos is None:
-        pos = document_positions(cu if doc_positions else None, B, T, dev)
+        use_cu = doc_positions or batch.doc_prefix is not None
+        pos = document_positions(cu if use_cu else None, B, T, dev, batch.doc_prefix)
     if cp == 1:
         return dataclasses.replace(batch, positions=pos)
     if cu is None:
         cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=dev)
     idx = cp_token_index(T, cp, rank, dev)
+    per_token = {  # every [B, T] field, cut to the rank's tokens
+        f: getattr(batch, f)[:, idx] for f in Batch.PER_TOKEN if getattr(batch, f) is not None
+    }
     return dataclasses.replace(
         batch,
-        inputs=batch.inputs[:, idx],
-        targets=batch.targets[:, idx],
-        loss_mask=None if batch.loss_mask is None else batch.loss_mask[:, idx],
+        **per_token,
         positions=pos[:, idx],
         cu_seqlens=cu,
         max_seqlen=batch.max_seqlen or T,
@@ -352,17 +354,29 @@ class CPComm:
         return group_rank(self.group)
 
     def attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, backend: str
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens: torch.Tensor | None,
+        backend: str,
+        doc_prefix: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """q: [B, T_l, H, Dh]; k, v: [B, T_l, Hk, Dh] local; cu_seqlens: int32 over the GLOBAL B*T tokens.
-        Returns [B, T_l, H, Dh]."""
-        if self.overlap:
+        """q: [B, T_l, H, Dh]; k, v: [B, T_l, Hk, Dh] local; cu_seqlens: int32 over the GLOBAL B*T tokens;
+        doc_prefix: int [n_docs] shared prefixes of its documents, or None. Returns [B, T_l, H, Dh].
+
+        Shared-prefix batches (DPO's shared-prompt packing) take the gather-first path: a response's
+        keys are then its prompt plus its own tokens before it, which the split's diagonal/remote cut
+        does not express (a prompt cut by a chunk border would span two of its key documents)."""
+        if self.overlap and doc_prefix is None:
             return self._attention_overlapped(q, k, v, cu_seqlens, backend)
         k_all = AllGatherKV.apply(k.contiguous(), self.group)  # [B, T, Hk, Dh], rank-major order
         v_all = AllGatherKV.apply(v.contiguous(), self.group)
         if use_triton(backend, q, k, v):
-            return _cp_attention_varlen(q, k_all, v_all, cu_seqlens, self.size, self.rank, backend)
-        return cp_attention_masked(q, k_all, v_all, cu_seqlens, self.size, self.rank)
+            return _cp_attention_varlen(
+                q, k_all, v_all, cu_seqlens, self.size, self.rank, backend, doc_prefix
+            )
+        return cp_attention_masked(q, k_all, v_all, cu_seqlens, self.size, self.rank, doc_prefix)
 
     def _attention_overlapped(self, q, k, v, cu_seqlens, backend: str) -> torch.Tensor:
         B, Tl = q.shape[:2]
@@ -385,9 +399,10 @@ class CPComm:
         return cp_attention_split(q, k, v, remote_kv, self._segs, self.size, backend)
 
 
-def cp_attention_masked(q, k_all, v_all, cu_seqlens, cp: int, rank: int) -> torch.Tensor:
+def cp_attention_masked(q, k_all, v_all, cu_seqlens, cp: int, rank: int, doc_prefix=None) -> torch.Tensor:
     """Plain-PyTorch CP attention: SDPA over (local queries x gathered keys) with an explicit boolean
-    document-and-causal mask by global position. q: [B, T_l, H, Dh]; k_all, v_all: [B, T, Hk, Dh]."""
+    document-and-causal mask by global position (plus each document's shared prefix, all visible).
+    q: [B, T_l, H, Dh]; k_all, v_all: [B, T, Hk, Dh]."""
     B, Tl = q.shape[:2]
     T = k_all.shape[1]
     q_idx = cp_token_index(T, cp, rank, q.device)
@@ -396,6 +411,9 @@ def cp_attention_masked(q, k_all, v_all, cu_seqlens, cp: int, rank: int) -> torc
     if cu_seqlens is not None:
         doc = K.document_ids(cu_seqlens, B * T).view(B, T)
         mask = mask & (doc[:, q_idx][:, :, None] == doc[:, k_idx][:, None, :])
+        if doc_prefix is not None:
+            prefix = doc_prefix.to(device=doc.device, dtype=doc.dtype)[doc]
+            mask = mask | (prefix[:, q_idx][:, :, None] == doc[:, k_idx][:, None, :])
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), attn_mask=mask[:, None],
         enable_gqa=q.shape[2] != k_all.shape[2],
@@ -403,7 +421,7 @@ def cp_attention_masked(q, k_all, v_all, cu_seqlens, cp: int, rank: int) -> torc
     return out.transpose(1, 2)
 
 
-def _cp_attention_varlen(q, k_all, v_all, cu_seqlens, cp: int, rank: int, backend: str) -> torch.Tensor:
+def _cp_attention_varlen(q, k_all, v_all, cu_seqlens, cp: int, rank: int, backend: str, doc_prefix=None):
     """The same attention through the varlen kernel with query position offsets (CUDA path): gathered
     keys are put back in global order and each local chunk is a query segment of its document(s)."""
     B, Tl, H, Dh = q.shape
@@ -420,6 +438,6 @@ def _cp_attention_varlen(q, k_all, v_all, cu_seqlens, cp: int, rank: int, backen
     max_k = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     out = attention_varlen(
         q.reshape(B * Tl, H, Dh), k_g, v_g, seg.cu_seqlens_q, cu_seqlens, seg.max_seqlen_q, max_k,
-        q_doc_idx=seg.q_doc_idx, q_pos_offsets=seg.q_pos_offsets, backend=backend,
+        q_doc_idx=seg.q_doc_idx, q_pos_offsets=seg.q_pos_offsets, doc_prefix=doc_prefix, backend=backend,
     )  # fmt: skip
     return out.view(B, Tl, H, Dh)

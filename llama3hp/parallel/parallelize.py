@@ -37,7 +37,13 @@ from llama3hp.parallel.ac import apply_ac
 from llama3hp.parallel.comm import all_gather_dim, all_reduce
 from llama3hp.parallel.context import CPComm, shard_batch
 from llama3hp.parallel.mesh import DeviceMesh4D, ParallelConfig, validate_layout
-from llama3hp.parallel.pipeline import PipelineExecutor, build_schedule, partition_layers, simulate
+from llama3hp.parallel.pipeline import (
+    PipelineExecutor,
+    build_schedule,
+    forward_schedule,
+    partition_layers,
+    simulate,
+)
 from llama3hp.parallel.step_model import (
     LocalModel,
     StepModel,
@@ -137,6 +143,7 @@ class ParallelModel:
             backward_prefetch=cfg.zero3_backward_prefetch, gather_dtype=getattr(torch, cfg.zero3_gather_dtype),
         )  # fmt: skip
         self.executor = PipelineExecutor(mesh.pp_group, mesh.pp_ranks, mesh.pp_rank, self.virtual)
+        self._stat_names: dict[type, list[str]] = {}  # per objective type, told by the last stage
 
     # ------------------------------------------------------------------ the step
     def forward_backward(self, batches: list[Batch], objective: Objective | None = None) -> StepStats:
@@ -144,9 +151,17 @@ class ParallelModel:
         schedule; gradients end reduced (and sharded) for the optimizer. Each micro-batch's loss sum
         is divided by the step's global count (over the DP ranks), so the gradient is that of the
         global mean. Returns the same StepStats on every rank."""
-        objective = objective or NextTokenLoss()
+        return self._run(batches, objective or NextTokenLoss(), train=True)
+
+    def evaluate(self, batches: list[Batch], objective: Objective) -> StepStats:
+        """Forward only, without gradients: every micro-batch through the stages in order (each stage
+        forwards micro-batch i once its input arrived; no backward, so no bubble to hide)."""
+        with torch.no_grad():
+            return self._run(batches, objective, train=False)
+
+    def _run(self, batches: list[Batch], objective: Objective, train: bool) -> StepStats:
         m = len(batches)
-        if self.cfg.pp_schedule == "interleaved" or self.mesh.dims.pp > 1:
+        if train and (self.cfg.pp_schedule == "interleaved" or self.mesh.dims.pp > 1):
             check_schedule(self.cfg.pp_schedule, self.mesh.dims.pp, self.virtual, m)
         dev = batches[0].inputs.device
         count = torch.stack([objective.count(b) for b in batches]).sum()
@@ -156,14 +171,15 @@ class ParallelModel:
             shard_batch(b, self.cp.size, self.cp.rank, doc_positions=self.args.doc_positions) for b in batches
         ]
         totals = StepTotals(dev)
-        self.dp.begin_step(m)
+        if train:
+            self.dp.begin_step(m)
 
         def forward(mb: int, c: int, x: torch.Tensor | None) -> torch.Tensor:
             b = local[mb]
             with autocast_context(self.amp_dtype, dev):
                 out = self.chunks[c](
                     b.inputs if x is None else x, cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen,
-                    positions=b.positions,
+                    positions=b.positions, doc_prefix=b.doc_prefix,
                 )  # fmt: skip
                 if self.chunks[c].output is None:  # not the last virtual stage: hidden states on
                     return out
@@ -175,16 +191,31 @@ class ParallelModel:
         sp = self.tp.size > 1 and self.cfg.sequence_parallel
         act_shape = (B, Tl // self.tp.size if sp else Tl, self.args.dim)
         act_dtype = next(iter(self.chunks[0].parameters())).dtype
-        actions = build_schedule(self.cfg.pp_schedule, self.mesh.dims.pp, self.virtual, m, self.mesh.pp_rank)
+        if train:
+            actions = build_schedule(
+                self.cfg.pp_schedule, self.mesh.dims.pp, self.virtual, m, self.mesh.pp_rank
+            )
+        else:
+            actions = forward_schedule(self.virtual, m)
         self.executor.run(actions, forward, act_shape, act_dtype, dev)
-        self.dp.finish_grad_sync()
-        # The sums live on the last stage, over this rank's CP tokens and DP rows.
-        reduced = [totals.loss, *totals.stats.values()]
-        flat = torch.stack(reduced) if len(reduced) > 1 else reduced[0].view(1)
+        if train:
+            self.dp.finish_grad_sync()
+        # The sums live on the last stage, over this rank's CP tokens and DP rows. Only the last stage
+        # ran the objective, so it tells the others which stats to reduce (an objective's stats, DPO's
+        # rewards and accuracy, are its own; pre-training's has none and skips this).
+        names = sorted(totals.stats)
+        if self.mesh.dims.pp > 1:  # once per objective type: its stats' names do not change
+            if type(objective) not in self._stat_names:
+                box: list[Any] = [names]
+                dist.broadcast_object_list(box, group=self.mesh.pp_group, group_src=self.mesh.dims.pp - 1)
+                self._stat_names[type(objective)] = box[0]
+            names = self._stat_names[type(objective)]
+        zero = torch.zeros((), dtype=torch.float32, device=dev)
+        flat = torch.stack([totals.loss, *(totals.stats.get(n, zero) for n in names)])
         all_reduce(flat, self.mesh.dp_cp_group)
         all_reduce(flat, self.mesh.pp_group)
         totals.loss = flat[0]
-        totals.stats = dict(zip(totals.stats, flat[1:]))
+        totals.stats = dict(zip(names, flat[1:]))
         return totals.result(count)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:

@@ -94,6 +94,13 @@ def schedule_interleaved(pp: int, virtual: int, m: int, rank: int) -> list[Actio
     return acts
 
 
+def forward_schedule(virtual: int, m: int) -> list[Action]:
+    """Forward only (evaluation, a frozen reference's pass), the same list on every rank: micro-batch
+    by micro-batch, chunk by chunk. Each forward waits only for earlier entries of other ranks' lists,
+    so it cannot deadlock."""
+    return [Action("F", mb, c) for mb in range(m) for c in range(virtual)]
+
+
 def build_schedule(kind: str, pp: int, virtual: int, m: int, rank: int) -> list[Action]:
     if m < 1:
         raise ValueError(f"a pipeline step needs at least one micro-batch, got {m}")

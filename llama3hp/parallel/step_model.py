@@ -88,6 +88,11 @@ class StepModel(Protocol):
         NextTokenLoss()); gradients end reduced (and sharded) for the optimizer."""
         ...
 
+    def evaluate(self, batches: list[Batch], objective: Objective) -> StepStats:
+        """The same micro-batches through the forward only, without gradients (held-out metrics, a
+        frozen reference model's pass); the same StepStats on every rank."""
+        ...
+
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Global L2 norm of the gradient; gradients scaled down to max_norm when above (0: no clipping)."""
         ...
@@ -133,17 +138,25 @@ class LocalModel:
         self._param_groups: list[dict[str, Any]] | None = None
 
     def forward_backward(self, batches: list[Batch], objective: Objective | None = None) -> StepStats:
-        objective = objective or NextTokenLoss()
+        return self._run(batches, objective or NextTokenLoss(), train=True)
+
+    def evaluate(self, batches: list[Batch], objective: Objective) -> StepStats:
+        with torch.no_grad():
+            return self._run(batches, objective, train=False)
+
+    def _run(self, batches: list[Batch], objective: Objective, train: bool) -> StepStats:
         device = batches[0].inputs.device
         count = torch.stack([objective.count(b) for b in batches]).sum().clamp(min=1.0)
         totals = StepTotals(device)
         for b in batches:
             with autocast_context(self.amp_dtype, device):
                 out = self.model(
-                    b.inputs, cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen, positions=b.positions
-                )
+                    b.inputs, cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen, positions=b.positions,
+                    doc_prefix=b.doc_prefix,
+                )  # fmt: skip
                 result = objective(out, b)
-            (result.loss_sum / count).backward()
+            if train:
+                (result.loss_sum / count).backward()
             totals.add(result)
         return totals.result(count)
 

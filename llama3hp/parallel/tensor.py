@@ -39,16 +39,24 @@ class ParallelAttention(nn.Module):
         self.head_dim, self.kernels = attn.head_dim, attn.kernels
         self.tp, self.cp = tp, cp
 
-    def forward(self, x, positions_BT, inv_freq, cu_seqlens, max_seqlen):
+    def forward(self, x, positions_BT, inv_freq, cu_seqlens, max_seqlen, doc_prefix=None):
         """x: [B, S, D] (SP) or [B, T, D]; positions_BT: [B, T] global RoPE positions of local tokens."""
         q, k, v = self.tp.column(x, [self.wq, self.wk, self.wv], grouped=True)
         B, T = q.shape[:2]
         q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))
         q, k = K.apply_rope(q, k, positions_BT, inv_freq, backend=self.kernels.rope)
         if self.cp is not None and self.cp.size > 1:
-            o = self.cp.attention(q, k, v, cu_seqlens, backend=self.kernels.attention)
+            o = self.cp.attention(q, k, v, cu_seqlens, backend=self.kernels.attention, doc_prefix=doc_prefix)
         else:
-            o = K.attention(q, k, v, cu_seqlens, max_seqlen=max_seqlen, backend=self.kernels.attention)
+            o = K.attention(
+                q,
+                k,
+                v,
+                cu_seqlens,
+                max_seqlen=max_seqlen,
+                doc_prefix=doc_prefix,
+                backend=self.kernels.attention,
+            )
         return self.tp.row(o.reshape(B, T, -1), self.wo)
 
 

@@ -26,7 +26,7 @@ from llama3hp.kernels.dispatch import matmul_dtype
 from llama3hp.model.grouped import CatCast, groupable, grouped_linear
 from llama3hp.parallel.comm import (
     all_gather_dim,
-    all_reduce,
+    all_reduced,
     group_rank,
     group_size,
     reduce_scatter_dim,
@@ -44,9 +44,7 @@ class CopyToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        g = g.contiguous().clone()
-        all_reduce(g, ctx.group)
-        return g, None
+        return all_reduced(g, ctx.group), None
 
 
 class ReduceFromTP(torch.autograd.Function):
@@ -54,9 +52,7 @@ class ReduceFromTP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
-        x = x.contiguous().clone()
-        all_reduce(x, group)
-        return x
+        return all_reduced(x, group)
 
     @staticmethod
     def backward(ctx, g):

@@ -20,8 +20,9 @@ from torch import nn
 
 from llama3hp.kernels.cross_entropy import accumulate_grad_weight, chunk_rows, logits_grad_, logits_lse
 from llama3hp.kernels.dispatch import autocast_off, matmul_dtype, use_triton
+from llama3hp.kernels.logprobs import linear_logprobs
 from llama3hp.model.head import OutputHead
-from llama3hp.parallel.comm import all_gather_dim, all_reduce
+from llama3hp.parallel.comm import all_gather_dim, all_reduce, all_reduced
 from llama3hp.parallel.tp_comm import TPComm
 
 
@@ -145,15 +146,11 @@ class AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        x = x.clone()
-        all_reduce(x, group)
-        return x
+        return all_reduced(x, group)
 
     @staticmethod
     def backward(ctx, g):
-        g = g.contiguous().clone()
-        all_reduce(g, ctx.group)
-        return g, None
+        return all_reduced(g, ctx.group), None
 
 
 class GatherVocab(torch.autograd.Function):
@@ -240,6 +237,20 @@ class ParallelHead(OutputHead):
             return loss
         total = loss.sum()
         return total if reduction == "sum" else total / (t != ignore_index).sum().clamp(min=1)
+
+    def token_logprobs(self, h, targets, *, ignore_index):
+        """h: [B, S, D] (sequence shard) or [B, T, D]; targets [B, T]. Under TP the fused chunked kernel
+        on this rank's vocabulary shard, combined over TP (`kernels/logprobs.py`); the gather's backward
+        sums the shards' partial dh."""
+        if self.tp.size == 1:
+            return super().token_logprobs(h, targets, ignore_index=ignore_index)
+        w = self.projection()
+        x = self.tp.gather(h.to(matmul_dtype(h)))
+        x = x.reshape(-1, x.shape[-1])
+        return linear_logprobs(
+            x, w, targets.reshape(-1), ignore_index=ignore_index, vocab_start=self.vocab_start,
+            group=self.tp.group, backend=self.backend,
+        )  # fmt: skip
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[B, T, V]: every TP rank's vocabulary shard gathered (for inference and tests)."""

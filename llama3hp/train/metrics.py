@@ -294,24 +294,43 @@ def smoothed(values: Sequence[float], alpha: float = 0.1) -> list[float]:
     return out
 
 
+PREFERENCE_STATS = ("rewards/margin", "rewards/accuracy")  # DPO's, shown beside the loss
+
+
 def plot_loss(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """loss.png: loss per step and its moving average, written to a temp name and renamed."""
+    """loss.png: loss per step and its moving average (and DPO's reward margin and accuracy in a second
+    panel when the rows have them), written to a temp name and renamed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     # A resumed run re-logs steps (the last one wins); skipped non-finite steps leave a gap.
-    by_step = {r["step"]: r["loss"] for r in rows if math.isfinite(r["loss"])}
-    steps = sorted(by_step)
-    losses = [by_step[s] for s in steps]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    last = {r["step"]: r for r in rows if math.isfinite(r["loss"])}
+    steps = sorted(last)
+    losses = [last[s]["loss"] for s in steps]
+    dpo = all(k in last[steps[-1]] for k in PREFERENCE_STATS) if steps else False
+    fig, axes = plt.subplots(1, 2 if dpo else 1, figsize=(12 if dpo else 7, 4), dpi=100, squeeze=False)
+    ax = axes[0][0]
     ax.plot(steps, losses, lw=0.8, alpha=0.5, label="loss")
     if len(losses) > 1:
         ax.plot(steps, smoothed(losses), lw=1.6, label="smoothed")
-    ax.axhline(math.log(128256), ls=":", c="gray", lw=0.8, label="ln(128256)")
+    if dpo:
+        ax.axhline(math.log(2), ls=":", c="gray", lw=0.8, label="ln 2 (policy = reference)")
+        ax.set_ylabel("DPO loss per pair")
+        right = axes[0][1]
+        for key in PREFERENCE_STATS:
+            values = [last[s].get(key, math.nan) for s in steps]
+            right.plot(
+                steps, smoothed(values) if len(values) > 1 else values, lw=1.4, label=f"{key} (smoothed)"
+            )
+        right.set_xlabel("step")
+        right.grid(alpha=0.3)
+        right.legend()
+    else:
+        ax.axhline(math.log(128256), ls=":", c="gray", lw=0.8, label="ln(128256)")
+        ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -432,7 +451,12 @@ class MetricsProcessor:
         if self.leader and (row["step"] % self.cfg.log_interval == 0 or row["step"] == self.total_steps):
             self.logger.log(row)
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * row['mfu']:.2f}%")
+        extra = {"margin": f"{row['rewards/margin']:.3f}", "acc": f"{row['rewards/accuracy']:.2f}"} if all(
+            k in row for k in PREFERENCE_STATS
+        ) else {}  # fmt: skip
+        self.bar.set_postfix(
+            loss=f"{row['loss']:.3f}", **extra, tok_s=f"{tok_s:,.0f}", mfu=f"{100 * row['mfu']:.2f}%"
+        )
         return row
 
     def event(self, kind: str, step: int, message: str, **fields: Any) -> None:

@@ -18,7 +18,8 @@ and data-parallel ranks, known before the first forward), so the accumulated gra
 the gradient of the mean over the whole batch, however it is split.
 
 Shipped: `NextTokenLoss` (pre-training) and `MaskedNextTokenLoss` (only tokens whose
-`Batch.loss_mask` is set: SFT's assistant tokens).
+`Batch.loss_mask` is set: SFT's assistant tokens) here, the paper's DPO in
+`llama3hp.posttrain.dpo`; `[posttrain] objective` picks one (`llama3hp.posttrain.build`).
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from llama3hp.errors import ConfigError
 from llama3hp.parallel.distributed import ParallelContext, context_from_mesh, release_mesh, restart_attempt
 from llama3hp.parallel.mesh import build_mesh
+from llama3hp.posttrain.build import build_objective, build_reference
 from llama3hp.train import build
 from llama3hp.train import checkpoint as ckpt
 from llama3hp.train.checkpointer import Checkpointer, latest_complete
@@ -42,7 +43,6 @@ from llama3hp.train.metrics import (
     telemetry_columns,
     telemetry_extra,
 )
-from llama3hp.train.objectives import NextTokenLoss
 from llama3hp.train.preemption import StopRequest
 from llama3hp.train.profiler import ProfileWindow
 from llama3hp.train.schedules import LRSchedule, batch_rows_at, check_table, lr_at, plan_tokens, seq_len_at
@@ -189,7 +189,9 @@ class Trainer:
         self.model = build.build_model(self.stage_job(), self.device, self.ctx, self.amp_dtype)
         self.fp8_fqns = self.model.fp8_linear_names() if job.fp8.enabled else []
         self.optimizer = build.build_optimizer(self.model, t, self.device)
-        self.objective = NextTokenLoss(z_loss_scale=t.z_loss_scale)
+        # [posttrain]: next-token (pre-training), SFT or DPO, and DPO's frozen reference.
+        self.objective = build_objective(job, self.loader)
+        self.reference = build_reference(job, self.loader, self.ctx, self.device, self.amp_dtype)
         self.schedule = LRSchedule(
             lr=t.lr,
             total_steps=t.steps,
@@ -285,6 +287,8 @@ class Trainer:
             batches = [
                 self.loader.next_batch(t.micro_batch_rows, seq_len).to(self.device) for _ in range(accum)
             ]
+            if self.reference is not None:  # DPO: the reference's log-probabilities of each pair
+                self.reference.annotate(batches)
 
         def compute(rerun: bool) -> tuple[Any, torch.Tensor]:
             with self.sections.section("forward_backward"):

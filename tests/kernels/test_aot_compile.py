@@ -21,7 +21,7 @@ KERNELS = {
     "_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_rope_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel",
     "_cross_entropy_fwd_kernel", "_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel",
     "_attn_bwd_dq_kernel", "_fp8_quant_rowwise_kernel", "_fp8_tile_amax_kernel", "_fp8_cast_transpose_kernel",
-    "_fp8_gemm_rowwise_kernel",
+    "_fp8_gemm_rowwise_kernel", "_logprob_fwd_kernel", "_logprob_bwd_kernel",
 }  # fmt: skip
 
 

@@ -12,6 +12,7 @@ of them differ from the whole-then-shard ones.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import os
 import pickle
@@ -31,7 +32,8 @@ from llama3hp.model import ModelArgs, Transformer
 from llama3hp.parallel import ParallelConfig, build_mesh, parallelize
 from llama3hp.parallel.ac import apply_ac
 
-TIMEOUT_S = 240
+# A hang guard for the whole group (test_layouts: ~150 s alone on 2 busy cores), not a timing test.
+TIMEOUT_S = 360
 
 
 def small_args(**kw) -> ModelArgs:
@@ -94,6 +96,65 @@ def make_batches(
     return out
 
 
+def make_pair_batches(
+    step: int, dp: int, micro: int, rows: int, T: int, vocab: int, shared: bool
+) -> list[list[Batch]]:
+    """Preference batches as the post-training loader packs them (`llama3hp.data.examples`): per row
+    random pairs [prompt | chosen | rejected] (shared prompt) or [prompt chosen] [prompt rejected],
+    responses ending in a formatting token, then padding; the same pairs whatever `shared` is."""
+    import numpy as np
+
+    from llama3hp.data.examples import build_batch, pair_segments
+
+    g = torch.Generator().manual_seed(3000 + step)
+    out = []
+    for _ in range(dp):
+        mbs = []
+        for _ in range(micro):
+            packed = []
+            for _ in range(rows):
+                row, used = [], 0
+                while True:
+                    P, C, R = (int(x) for x in torch.randint(3, 7, (3,), generator=g))
+                    need = 2 * P + C + R  # the separate layout's length: both layouts hold the same pairs
+                    if used + need > T:
+                        break
+                    ids = [torch.randint(0, vocab, (n,), generator=g).numpy() for n in (P, C, R)]
+                    roles = [np.zeros(P, np.uint8)] + [
+                        np.array([1] * (n - 1) + [2], np.uint8) for n in (C, R)
+                    ]
+                    segs = pair_segments(ids[0], roles[0], ids[1], roles[1], ids[2], roles[2], shared)
+                    row.append((segs, len(row) + 100 * len(mbs)))
+                    used += need
+                packed.append(row)
+            mbs.append(build_batch(packed, T, preference=True, shared_prompt=shared, pad_id=0))
+        out.append(mbs)
+    return out
+
+
+def reference_dpo_sum(model: Transformer, model0: Transformer, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's DPO loss summed over the batch's pairs, written without llama3hp.posttrain: per-token
+    log-probabilities of the response targets (formatting tokens out) from the plain policy and the
+    frozen initial model, summed per segment; and the DPO part alone (for the ln 2 check)."""
+    keep = b.loss_mask & ~b.format_mask
+    targets = b.targets.masked_fill(~keep, -100)
+    kw = dict(cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen, doc_prefix=b.doc_prefix)
+    seg = torch.searchsorted(b.cu_seqlens[1:].long(), torch.arange(b.inputs.numel()), right=True)
+    n_seg = b.cu_seqlens.numel() - 1
+
+    def sums(m):
+        logp = -m(b.inputs, targets=targets, reduction="none", **kw)
+        return torch.zeros(n_seg).index_add(0, seg, logp)
+
+    with torch.no_grad():
+        ref = sums(model0)
+    pol = sums(model)
+    n = torch.zeros(n_seg).index_add(0, seg, keep.reshape(-1).float())
+    c, r = b.pairs[:, 0], b.pairs[:, 1]
+    dpo = -F.logsigmoid(0.1 * ((pol[c] - ref[c]) - (pol[r] - ref[r])))
+    return (dpo + 0.2 * (-pol[c] / n[c])).sum(), dpo.detach().sum()
+
+
 class DocumentLogprobLoss:
     """A DPO-like objective for the layout tests: a nonlinear function of each document's summed
     log-probability (softplus(-0.05 log p(doc))), averaged over documents. Under context parallelism
@@ -115,6 +176,8 @@ def _reference_targets(b: Batch, objective: str | None) -> torch.Tensor:
 
 
 def reference_count(b: Batch, objective: str | None) -> torch.Tensor:
+    if objective is not None and objective.startswith("dpo"):
+        return torch.tensor(float(b.pairs.shape[0]))
     if objective == "doc_logprob":
         return torch.tensor(float(b.cu_seqlens.numel() - 1))
     return (_reference_targets(b, objective) != -100).sum().float()
@@ -134,11 +197,22 @@ def reference_loss_sum(model: Transformer, b: Batch, objective: str | None) -> t
 
 
 def build_objective(name: str | None):
+    from llama3hp.posttrain.dpo import DPOLoss
     from llama3hp.train.objectives import MaskedNextTokenLoss, NextTokenLoss
 
+    if name is not None and name.startswith("dpo"):
+        return DPOLoss()
     return {None: NextTokenLoss(), "masked": MaskedNextTokenLoss(), "doc_logprob": DocumentLogprobLoss()}[
         name
     ]
+
+
+def batches_for(objective: str | None, step: int, dp: int, micro: int, rows: int, T: int, vocab: int):
+    """The step's batches[dp_rank][i] of an objective: DPO's ("dpo_shared", "dpo_separate") are
+    preference pairs, the others packed documents."""
+    if objective in ("dpo_shared", "dpo_separate"):
+        return make_pair_batches(step, dp, micro, rows, T, vocab, shared=objective == "dpo_shared")
+    return make_batches(step, dp, micro, rows, T, vocab, objective == "masked")
 
 
 def convert_fp8(model: Transformer, recipe: str | None, tp_size: int = 1) -> Transformer:
@@ -168,30 +242,38 @@ def reference_run(
     model = Transformer(args)
     model.init_weights(seed=0)
     convert_fp8(model, fp8)
+    dpo = objective is not None and objective.startswith("dpo")
+    model0 = copy.deepcopy(model) if dpo else None  # the frozen reference: the policy at step 0
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
     )
-    losses = []
+    losses, dpo_first = [], None
     for step in range(steps):
         batches = [
             b
-            for per_rank in make_batches(step, dp, micro, rows, T, args.vocab_size, objective == "masked")
+            for per_rank in batches_for(objective, step, dp, micro, rows, T, args.vocab_size)
             for b in per_rank
         ]
         n = sum(reference_count(b, objective) for b in batches)
-        total = 0.0
+        total, dpo_part = 0.0, 0.0
         for b in batches:
             with autocast(amp):
-                loss = reference_loss_sum(model, b, objective)
+                if dpo:
+                    loss, part = reference_dpo_sum(model, model0, b)
+                    dpo_part += part.item()
+                else:
+                    loss = reference_loss_sum(model, b, objective)
             (loss / n).backward()
             total += loss.item()
+        if step == 0 and dpo:
+            dpo_first = dpo_part / n.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
         losses.append(total / n.item())
-    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}, dpo_first
 
 
 def build_whole_then_shard(args: ModelArgs, mesh, cfg: ParallelConfig, fp8: str | None = None):
@@ -248,17 +330,28 @@ def parallel_run(
     n_checkpointed = apply_ac(pm.chunks, ac)
     n_fp8 = sum(isinstance(m, Fp8Linear) for chunk in pm.chunks for m in chunk.modules())
     opt = torch.optim.AdamW(pm.param_groups(0.1), lr=lr)
-    losses = []
+    reference = None
+    if objective is not None and objective.startswith("dpo"):
+        # Co-resident: the frozen step-0 model on the same layout, run forward only (StepModel.evaluate).
+        from llama3hp.posttrain.reference import CoResidentReference
+
+        reference = CoResidentReference(build_whole_then_shard(args, mesh, cfg, fp8), mask_format_tokens=True)
+    losses, dpo_first = [], None
     for step in range(steps):
-        batches = make_batches(step, mesh.dims.dp, micro, rows, T, args.vocab_size, objective == "masked")
+        batches = batches_for(objective, step, mesh.dims.dp, micro, rows, T, args.vocab_size)
+        if reference is not None:
+            reference.annotate(batches[mesh.dp_rank])
         with gemms or contextlib.nullcontext(), autocast(amp):  # as the trainer's mesh step
-            loss = pm.forward_backward(batches[mesh.dp_rank], build_objective(objective)).loss
+            result = pm.forward_backward(batches[mesh.dp_rank], build_objective(objective))
+        loss = result.loss
+        if step == 0 and "dpo" in result.stats:
+            dpo_first = result.stats["dpo"].item()
         pm.clip_grad_norm_(1.0)
         opt.step()
         pm.after_optimizer_step()
         pm.zero_grad()
         losses.append(loss.item())
-    return losses, pm.full_state_dict(), init_mismatch, n_fp8, n_checkpointed
+    return losses, pm.full_state_dict(), init_mismatch, n_fp8, n_checkpointed, dpo_first
 
 
 def compare_case(case: dict) -> dict | None:
@@ -290,11 +383,13 @@ def compare_case(case: dict) -> dict | None:
     if got is None:
         return None
     dp = cfg.dp
-    ref_losses, ref_params = reference_run(args, steps, dp, micro, rows, T, lr, fp8, amp, objective)
-    losses, params, init_mismatch, n_fp8, n_checkpointed = got
+    ref_losses, ref_params, ref_dpo_first = reference_run(
+        args, steps, dp, micro, rows, T, lr, fp8, amp, objective
+    )
+    losses, params, init_mismatch, n_fp8, n_checkpointed, dpo_first = got
     fp8_effect = None
     if fp8 is not None:
-        plain_losses, _ = reference_run(args, steps, dp, micro, rows, T, lr)
+        plain_losses, _, _ = reference_run(args, steps, dp, micro, rows, T, lr)
         fp8_effect = max(abs(a - b) for a, b in zip(ref_losses, plain_losses))
     return {
         "n_fp8": n_fp8,
@@ -309,6 +404,8 @@ def compare_case(case: dict) -> dict | None:
         "init_mismatch": init_mismatch,
         "fp32_gemms": gemms.in_dtype(torch.float32) if gemms is not None else [],
         "n_gemms": len(gemms.records) if gemms is not None else 0,
+        "dpo_first": dpo_first,  # the DPO part at step 0 (policy = reference: ln 2)
+        "ref_dpo_first": ref_dpo_first,
     }
 
 

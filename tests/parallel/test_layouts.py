@@ -9,6 +9,8 @@ FP8_CASES run the same layouts with the block linears in FP8 against the one-pro
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -69,6 +71,21 @@ CASES = [
         objective="doc_logprob",
     ),
 ]
+# Post-training: SFT (cross-entropy of the response tokens) and the paper's DPO, its reference the
+# step-0 model co-resident on the same layout (run forward only, StepModel.evaluate), pairs packed
+# with the shared prompt ([prompt | chosen | rejected]: the attention's shared prefix, RoPE positions
+# continuing after the prompt) and apart ([prompt chosen] [prompt rejected]).
+DPO = dict(T=32, steps=2)
+CASES += [
+    case("sft_pp2_interleaved_dp2_zero2", tp=1, cp=1, pp=2, dp=2, zero_stage=2, pp_schedule="interleaved",
+         pp_virtual_stages=2, micro=2, objective="masked"),
+    case("dpo_shared_tp2_cp2_pp2", tp=2, cp=2, pp=2, dp=1, objective="dpo_shared", **DPO),
+    case("dpo_separate_tp2_cp2_pp2", tp=2, cp=2, pp=2, dp=1, objective="dpo_separate", **DPO),
+    case("dpo_shared_cp2_dp2_zero3", tp=1, cp=2, pp=1, dp=2, zero_stage=3, objective="dpo_shared", **DPO),
+    case("dpo_separate_pp2_interleaved_dp2_zero1", tp=1, cp=1, pp=2, dp=2, zero_stage=1,
+         pp_schedule="interleaved", pp_virtual_stages=2, micro=2, objective="dpo_separate", **DPO),
+]  # fmt: skip
+DPO_CASES = {c["name"] for c in CASES if c.get("objective", "").startswith("dpo")}
 AC_CASES = {c["name"] for c in CASES if "ac" in c}
 
 # FP8 (emulated GEMMs on CPU) against the one-process FP8 run. Layouts that only split the rows into
@@ -154,6 +171,9 @@ def test_layout_matches_one_process(results, name):
         assert r["param_diff"] < TOL_PARAM * r["param_scale"], f"rank {rank}: param diff {r['param_diff']}"
     if name in AC_CASES:
         assert sum(r["n_checkpointed"] for _, r in _ranks(results, name)) > 0
+    if name in DPO_CASES:  # policy = reference at step 0: every margin 0, the DPO part ln 2
+        for _, r in _ranks(results, name):
+            assert abs(r["dpo_first"] - math.log(2)) < 1e-6 and abs(r["ref_dpo_first"] - math.log(2)) < 1e-6
 
 
 @pytest.mark.parametrize("name", [c["name"] for c in FP8_CASES])
