@@ -46,10 +46,12 @@ class CachedAttention(nn.Module):
         self.layer: int = layer
         self.tp = tp if tp is not None else TPComm()
 
-    def forward(self, x_BTD, positions_BT, inv_freq, cu_seqlens=None, max_seqlen=None):
+    def forward(self, x_BTD, positions_BT, inv_freq, cu_seqlens=None, max_seqlen=None, doc_prefix=None):
         """x: [1, N, D] the step's packed tokens; positions_BT [1, N] their positions in their
-        sequences. cu_seqlens / max_seqlen (the training forward's document mask) are unused: the
-        step's `AttentionMetadata` says what each token attends to."""
+        sequences. cu_seqlens / max_seqlen / doc_prefix (the training forward's document mask and
+        shared prefixes) are unused: the step's `AttentionMetadata` says what each token attends to
+        (a prompt shared by n samples is shared through the cache's copy-on-write blocks)."""
+        assert doc_prefix is None, "serving shares prompts through the KV cache, not a document prefix"
         meta = self.cache.meta
         assert meta is not None, "bind the step's AttentionMetadata to the cache before the forward"
         q, k, v = self.tp.column(x_BTD, [self.wq, self.wk, self.wv], grouped=True)
