@@ -1,6 +1,7 @@
 """Runs every `benchmarks/bench_*.py` module in one process: python -m benchmarks.run_all [--quick] [--out DIR].
 
-Kernel benchmarks first, then the CPU workload ones (curation, the data path, rejection sampling).
+Kernel benchmarks first, then the CPU workload ones (curation, the data path, rejection sampling,
+goodput under failures, checkpoint blocking).
 
 Arguments are passed through to each benchmark's `main`. A failing benchmark is reported and the
 others still run; the exit status is non-zero if any failed.
@@ -17,7 +18,13 @@ from pathlib import Path
 # CPU workload benchmarks: whole pipelines against peers (datatrove, megatron-core, raw tiktoken, our
 # own engine with a feature off),
 # with rows and tables of their own (benchmarks/workload.py) rather than the kernel harness's.
-WORKLOADS = ("benchmarks.bench_curate", "benchmarks.bench_data_path", "benchmarks.bench_rejection")
+WORKLOADS = (
+    "benchmarks.bench_curate",
+    "benchmarks.bench_data_path",
+    "benchmarks.bench_rejection",
+    "benchmarks.bench_goodput",
+    "benchmarks.bench_checkpoint",
+)
 
 
 def discover() -> list[str]:

@@ -51,15 +51,42 @@ def _cmd_train(a: argparse.Namespace) -> int:
         job = build_job_config(pairs)
     else:
         job = load_job_config(a.config, a.overrides)
+    if a.check is not None:
+        return _check_layout(job, a.check)
     # Under torchrun: join the process group and build the [parallel] mesh (the batch is then
     # re-validated against the data-parallel degree); one process otherwise.
     ctx = build_parallel_context(job.parallel)
     try:
         if resume is True:
-            resume = find_latest_checkpoint(job.checkpoint, job.runs_root, job.name)
+            resume = find_latest_checkpoint(job.checkpoint, job.runs_root, job.name, job.run_dir)
         train(job, resume=resume, ctx=ctx)
     finally:
         ctx.close()
+    return 0
+
+
+def _check_layout(job, world: int) -> int:
+    """`train --check N`: the config and its layout (every curriculum stage's) on N ranks, without
+    starting anything. The launch scripts run it before torchrun: a layout error is then one line
+    and exit code 2, not N ranks' lines and the launcher's ChildFailedError block."""
+    from llama3hp.errors import ConfigError
+    from llama3hp.parallel.distributed import check_launch
+    from llama3hp.parallel.mesh import resolve_dims
+    from llama3hp.train.stages import check_stages
+
+    if world < 1:
+        raise UsageError(f"train: --check needs a number of ranks >= 1, got {world}")
+    check_launch(job.parallel, world)
+    if world > 1:
+        try:
+            dims = resolve_dims(job.parallel, world)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        check_stages(job, world)
+        job.validate(dp_size=dims.dp)
+        print(f"config ok on {world} ranks: TP{dims.tp} CP{dims.cp} PP{dims.pp} DP{dims.dp}")
+    else:
+        print("config ok on one process")
     return 0
 
 
@@ -389,7 +416,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PATH",
         help="continue from a checkpoint (a step folder, a checkpoints folder or a run folder); "
-        "without PATH: the newest checkpoint of this run name",
+        "without PATH: the latest checkpoint of run_dir / checkpoint.dir, else the newest run of this "
+        "name (training.resume=auto: resume if there is one, else start)",
+    )
+    t.add_argument(
+        "--check",
+        type=int,
+        metavar="NRANKS",
+        help="only check the config and its parallel layout for NRANKS processes, then exit",
     )
     t.set_defaults(fn=_cmd_train)
 

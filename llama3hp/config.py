@@ -8,7 +8,8 @@ from `llama3hp.model.PRESETS`); the other `[model]` keys override the preset's f
 
 Each section is the dataclass of the component it configures, which validates itself
 (`TrainingConfig` in train/trainer.py, `CheckpointConfig` in train/checkpointer.py, `MetricsConfig`
-in train/metrics.py, `ParallelConfig` in parallel/mesh.py, `DataConfig`, `ModelArgs`, `Fp8Config`,
+in train/metrics.py, `HealthConfig` in train/health.py, `WatchdogConfig` in train/watchdog.py,
+`FaultConfig` in train/faults.py, `ParallelConfig` in parallel/mesh.py, `DataConfig`, `ModelArgs`, `Fp8Config`,
 `PostTrainConfig` in posttrain/config.py);
 this module holds the override engine and the checks across components (`validate`).
 
@@ -37,10 +38,15 @@ from llama3hp.parallel.mesh import ParallelConfig
 from llama3hp.posttrain.config import PostTrainConfig
 from llama3hp.train.build import STDLIB_CORPUS
 from llama3hp.train.checkpointer import CheckpointConfig
+from llama3hp.train.faults import FaultConfig
+from llama3hp.train.health import HealthConfig
 from llama3hp.train.metrics import MetricsConfig
 from llama3hp.train.trainer import TrainingConfig
+from llama3hp.train.watchdog import WatchdogConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "launch" / "configs"
+# Keys whose field name differs (a Python keyword cannot be a field name).
+KEY_ALIASES = {"checkpoint.async": "checkpoint.async_save"}
 
 
 @dataclass
@@ -61,6 +67,9 @@ class JobConfig:
     # FP8 linears in the transformer blocks (TOML [fp8]); off by default: recipe "none". Turn on with
     # fp8.recipe=rowwise (sm89+ GPUs; emulated GEMM on CPU), emulated, te_delayed or te_current.
     fp8: Fp8Config = field(default_factory=lambda: Fp8Config(recipe="none"))
+    health: HealthConfig = field(default_factory=HealthConfig)  # NaN/Inf and loss-spike policies
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)  # hangs and stragglers
+    fault: FaultConfig = field(default_factory=FaultConfig)  # faults injected on purpose (off)
     # The objective: pre-training, SFT or DPO (with its reference model); TOML [posttrain].
     posttrain: PostTrainConfig = field(default_factory=PostTrainConfig)
 
@@ -289,6 +298,8 @@ def read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"bad TOML in {path}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {path} is not a TOML text file (not UTF-8 at byte {e.start})") from None
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
 
@@ -301,6 +312,7 @@ def build_job_config(pairs: list[tuple[str, Any]], *, dp_size: int = 1) -> JobCo
     preset = "tiny"
     rest = []
     for key, value in pairs:
+        key = KEY_ALIASES.get(key, key)
         if key in ("model.preset", "model_preset"):
             preset = coerce(value, str, "model.preset")
         else:
@@ -328,7 +340,16 @@ def validate(job: JobConfig, *, dp_size: int = 1) -> None:
     then what only the whole job can check (batch over data-parallel ranks, lengths against the
     model, FP8 against the layout and activation checkpointing, data present)."""
     t = job.training
-    for component in (t, job.checkpoint, job.metrics, job.data, job.posttrain):
+    for component in (
+        t,
+        job.checkpoint,
+        job.metrics,
+        job.health,
+        job.watchdog,
+        job.fault,
+        job.data,
+        job.posttrain,
+    ):
         component.validate()
     for what in (job.fp8, job.model):
         try:
@@ -344,7 +365,7 @@ def validate(job: JobConfig, *, dp_size: int = 1) -> None:
                 f"global batch of {rows} rows is not divisible by micro_batch_rows x dp = "
                 f"{t.micro_batch_rows} x {dp_size}: change training.global_batch_rows or training.micro_batch_rows"
             )
-    for seq in [t.seq_len] + [s for _, s in t.seq_len_stages]:
+    for seq in [t.seq_len] + [s[1] for s in t.seq_len_stages]:
         if seq > job.model.max_seq_len:
             raise ConfigError(f"sequence length {seq} exceeds model.max_seq_len ({job.model.max_seq_len})")
     p = job.parallel

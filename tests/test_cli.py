@@ -71,6 +71,11 @@ def test_help_exits_zero(capsys):
         ),
         (["average", "/nonexistent/ck", "--out", "/tmp/x"], "checkpoint not found"),
         (["frobnicate"], "invalid choice"),
+        (["train", "--config", "tiny", "parallel.tp=2"], "parallel.tp=2 needs 2 processes but this is one"),
+        (["train", "--config", "tiny", "parallel.dp=4", "parallel.pp=2"], "needs 8 processes"),
+        (["train", "--config", "tiny", "training.lr=inf"], "training.lr must be a positive finite number"),
+        (["train", "--config", "tiny", "training.grad_clip=nan"], "grad_clip=nan"),
+        (["train", "--config", "tiny", "checkpoint.async=maybe"], "checkpoint.async_save"),
     ],
 )
 def test_user_errors_are_one_line_exit_2(capsys, argv, contains):
@@ -119,6 +124,26 @@ def test_bad_toml_and_resume_without_checkpoint(capsys, tmp_path):
     _one_line_error(
         capsys, ["train", "--config", "tiny", "--resume", str(tmp_path / "none")], "checkpoint not found"
     )
+
+
+def test_binary_config_and_garbage_latest_pointer_name_the_file(capsys, tmp_path, weights_ckpt):
+    binary = tmp_path / "job.toml"
+    binary.write_bytes(b"\x00\xff\xfe\x89PNG")
+    _one_line_error(capsys, ["train", "--config", str(binary)], f"config {binary} is not a TOML text file")
+    latest = weights_ckpt.parent / "latest"
+    latest.write_bytes(b"\x89\x00garbage")
+    argv = [
+        "export",
+        "--checkpoint",
+        str(weights_ckpt.parent),
+        "--format",
+        "hf",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    _one_line_error(capsys, argv, f"{latest} is not a checkpoint pointer")
+    latest.write_text("step-00000099\n")
+    _one_line_error(capsys, argv, f"{latest} points to a missing checkpoint")
 
 
 def test_corrupted_checkpoint_is_named(capsys, tmp_path, weights_ckpt):

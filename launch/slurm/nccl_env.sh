@@ -2,9 +2,12 @@
 # (InfiniBand or RoCE). Sourced by train.sbatch; override any of them in the environment.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
-# Flight recorder: dump the last collectives of every rank on a timeout (the paper's hang diagnosis).
+# Flight recorder: every rank keeps its last 2,000 collectives and dumps them on a timeout (the
+# paper's hang diagnosis) into $TORCH_NCCL_DEBUG_INFO_TEMP_FILE<rank>; llama3hp's watchdog also
+# dumps them, with every thread's Python stack, into <run dir>/hangs/ before it aborts a hung step.
 export TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}
 export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
+export TORCH_NCCL_DEBUG_INFO_TEMP_FILE=${TORCH_NCCL_DEBUG_INFO_TEMP_FILE:-${LLAMA3HP_LOG_DIR:-logs}/nccl_trace_rank_}
 # Inside a node NCCL uses NVLink by itself (P2P and NVLS on); TP groups never leave the node.
 export NCCL_P2P_DISABLE=${NCCL_P2P_DISABLE:-0}
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-1}

@@ -293,6 +293,13 @@ class ExampleLoader:
             for g in range(0, len(all_rows), per_step)
         ]
 
+    def set_data_parallel(self, dp_rank: int, dp_size: int) -> None:
+        """Serve another data-parallel slice from the next call on (a mesh re-planned at a stage
+        boundary): every rank packs the same global rows, so the position stays exact."""
+        if dp_size < 1 or not 0 <= dp_rank < dp_size:
+            raise DataError(f"need 0 <= dp_rank < dp_size, got dp_rank={dp_rank} dp_size={dp_size}")
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "kind": "examples", "seed": self.seed, "n_examples": self.n_examples,

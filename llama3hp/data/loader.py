@@ -323,6 +323,13 @@ class PackedLoader:
         self.seq_len: int | None = None
         self.history: list[dict[str, Any]] = []  # seq_len changes: {"seq_len", "counts" at the change}
 
+    def set_data_parallel(self, dp_rank: int, dp_size: int) -> None:
+        """Serve another data-parallel slice from the next call on (a mesh re-planned at a stage
+        boundary): the state is global, so the position stays exact."""
+        if dp_size < 1 or not 0 <= dp_rank < dp_size:
+            raise DataError(f"need 0 <= dp_rank < dp_size, got dp_rank={dp_rank} dp_size={dp_size}")
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+
     @property
     def position(self) -> int:
         """Global rows served so far (all ranks)."""

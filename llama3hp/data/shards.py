@@ -171,13 +171,37 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_temp_dirs(out_dir: Path) -> None:
+    """Remove `.NAME.tmp-PID` / `.NAME.old-PID` siblings of `out_dir` left by a killed writer (its
+    PID no longer runs); a writer that is still running keeps its own."""
+    if not out_dir.parent.is_dir():
+        return
+    for kind in ("tmp", "old"):
+        for p in out_dir.parent.glob(f".{out_dir.name}.{kind}-*"):
+            pid = p.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True)
+
+
 def make_temp_dir(out_dir: Path, overwrite: bool) -> Path:
     """An empty temporary sibling of `out_dir` (same filesystem, so the final rename is atomic)."""
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise DataError(
-            f"output directory {out_dir} already exists and is not empty; pass overwrite=True or pick another"
+            f"output directory {out_dir} already exists and is not empty; pass --overwrite "
+            "(overwrite=True in Python) or pick another"
         )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_dirs(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -303,6 +327,7 @@ class TokenDataset:
                 f"uses {tokenizer_sha256[:16]}...; re-run prepare with this tokenizer or set tokenizer_path to the one used"
             )
         self._tokens: list[np.memmap] = []
+        self._corrupt_next = False
         lens, shard_of, start_in_shard = [], [], []
         for i, shard in enumerate(manifest["shards"]):
             tpath, ipath = self.path / shard["tokens"], self.path / shard["index"]
@@ -368,7 +393,33 @@ class TokenDataset:
         if not 0 <= start <= stop <= n:
             raise IndexError(f"span [{start}, {stop}) out of range for document {doc} of length {n}")
         base = int(self._doc_start[doc])
-        return self._tokens[int(self._doc_shard[doc])][base + start : base + stop]
+        shard = int(self._doc_shard[doc])
+        if self._corrupt_next:  # fault injection (llama3hp.train.faults): a flipped high byte
+            self._corrupt(shard, base + start)
+        span = self._tokens[shard][base + start : base + stop]
+        # Every token read is range-checked: one max over the span the loader copies anyway.
+        if span.size and int(span.max()) >= self.vocab_size:
+            bad = base + start + int(np.argmax(span >= self.vocab_size))
+            shard_file = self.path / self.manifest["shards"][shard]["tokens"]
+            raise DataError(
+                f"token id {int(self._tokens[shard][bad])} >= vocabulary size {self.vocab_size} in {shard_file} "
+                f"at token {bad} (byte offset {bad * TOKEN_DTYPE.itemsize}): the shard is corrupt; "
+                "re-run prepare or restore it (data.verify_checksums=true checks every shard at start)"
+            )
+        return span
+
+    def corrupt_next_read(self) -> None:
+        """Fault injection: the next `doc_tokens` call first sets the high byte of its first token in a
+        private copy-on-write map of the shard (the file on disk is never written)."""
+        self._corrupt_next = True
+
+    def _corrupt(self, shard: int, token: int) -> None:
+        self._corrupt_next = False
+        mm = self._tokens[shard]
+        if mm.mode != "c":
+            mm = np.memmap(str(mm.filename), dtype=TOKEN_DTYPE, mode="c", shape=mm.shape)
+            self._tokens[shard] = mm
+        mm[token] |= np.uint32(0xFF000000)
 
     def doc_roles(self, doc: int, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Roles uint8 [stop - start] of a post-training document's tokens (`llama3hp.data.chat`)."""

@@ -64,7 +64,7 @@ def start_group(tp: int, build: Callable[[dist.ProcessGroup, int], Any]) -> tupl
     if "WORLD_SIZE" in os.environ:
         from llama3hp.parallel.distributed import init_distributed
 
-        rank, world = init_distributed()
+        rank, world, _ = init_distributed()
         if world != tp:
             raise ValueError(f"--tp {tp} but torchrun started {world} processes")
         assert dist.group.WORLD is not None

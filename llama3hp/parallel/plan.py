@@ -35,7 +35,7 @@ import argparse
 import sys
 from dataclasses import asdict, dataclass
 
-from llama3hp.model import get_model_args
+from llama3hp.model import ModelArgs, get_model_args
 from llama3hp.model.flops import flops_fraction_attention, flops_per_token
 from llama3hp.parallel.mesh import ParallelConfig, ParallelDims, validate_layout
 from llama3hp.parallel.pipeline import simulate
@@ -97,11 +97,12 @@ class PlanReport:
 def plan(
     model: str, tp: int, cp: int, pp: int, dp: int, seq: int, global_rows: int, *, micro_rows: int = 1,
     virtual: int = 1, zero_stage: int = 1, checkpointing: str = "none", checkpoint_every: int = 1,
-    zero3_gather_dtype: str = "float32", hw: Hardware | None = None,
+    zero3_gather_dtype: str = "float32", hw: Hardware | None = None, args: ModelArgs | None = None,
 ) -> PlanReport:  # fmt: skip
-    """Predict memory and step time of `model` (a preset name) under the layout; see module docstring."""
+    """Predict memory and step time of `model` (a preset name, or the name of `args` when given) under
+    the layout; see module docstring."""
     hw = hw or Hardware()
-    args = get_model_args(model)
+    args = args or get_model_args(model)
     dims = ParallelDims(tp, cp, pp, dp)
     sched = "interleaved" if virtual > 1 else "1f1b"
     cfg = ParallelConfig(

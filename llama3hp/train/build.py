@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from llama3hp.errors import ConfigError
+from llama3hp.errors import ConfigError, UserError
 from llama3hp.parallel.distributed import ParallelContext
 from llama3hp.parallel.step_model import StepModel
 
@@ -98,18 +99,13 @@ def seed_everything(seed: int) -> None:
 
 
 def check_layout(job: JobConfig, ctx: ParallelContext) -> None:
-    """One-line ConfigError for a batch or model the mesh cannot split."""
+    """One-line ConfigError for a batch or model the mesh cannot split, at every stage of the
+    sequence-length curriculum (each with its own context-parallel degree, `stages.py`)."""
     if ctx.mesh is None:
         return
-    from llama3hp.parallel import validate_layout
+    from llama3hp.train.stages import check_stages
 
-    t = job.training
-    job.validate(dp_size=ctx.dp_size)
-    try:
-        for seq in {t.seq_len, *(s for _, s in t.seq_len_stages)}:
-            validate_layout(job.parallel, ctx.mesh.dims, job.model, seq)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    check_stages(job, ctx.world_size)
 
 
 def check_fp8(job: JobConfig, ctx: ParallelContext, device: torch.device) -> None:
@@ -267,3 +263,60 @@ def pick_run_dir(job: JobConfig, resume_path: Path | None) -> Path:
     if resume_path is not None and not job.run_dir and resume_path.parent.name == "checkpoints":
         return resume_path.parent.parent
     return new_run_dir(job)
+
+
+def resolve_resume(job: JobConfig, resume: str | Path | None) -> tuple[Path, Path | None]:
+    """(run folder, checkpoint to continue or None) for `resume` (the CLI's, else training.resume):
+    "" or "none" starts fresh; "auto" continues the latest complete checkpoint of the run's own
+    checkpoint folder when there is one (run folder: run_dir, else <runs_root>/<name>, the same on
+    every restart), else starts there; anything else is a checkpoint path."""
+    from llama3hp.train import checkpoint as ckpt
+    from llama3hp.train.checkpointer import latest_complete
+
+    mode = str(job.training.resume if resume is None else resume)
+    if mode in ("", "none"):
+        return new_run_dir(job), None
+    if mode == "auto":
+        run_dir = Path(job.run_dir) if job.run_dir else Path(job.runs_root) / job.name
+        folder = Path(job.checkpoint.dir) if job.checkpoint.dir else run_dir / "checkpoints"
+        return run_dir, latest_complete(folder)
+    path = ckpt.resolve_checkpoint(mode)
+    return pick_run_dir(job, path), path
+
+
+def prepare_run(
+    job: JobConfig, ctx: ParallelContext, resume: str | Path | None
+) -> tuple[Path, Path, Path | None]:
+    """(run folder, checkpoint folder, checkpoint to resume) decided on rank 0 and shared, after
+    checking that both folders are writable (every rank probes the checkpoint folder it will write
+    shards into) and that the checkpoint to resume is complete: before any minute of work."""
+    from llama3hp.train import checkpoint as ckpt
+    from llama3hp.train.checkpointer import check_writable
+
+    err, decided = None, None
+    if ctx.is_leader:
+        try:
+            run_dir, path = resolve_resume(job, resume)
+            decided = (str(run_dir), str(path) if path is not None else None)
+        except UserError as e:
+            err = str(e)
+    box = ctx.broadcast((err, decided))
+    if box[0] is not None:
+        raise ckpt.CheckpointError(box[0])
+    run_dir, path = Path(box[1][0]), (Path(box[1][1]) if box[1][1] is not None else None)
+    ckpt_dir = Path(job.checkpoint.dir) if job.checkpoint.dir else run_dir / "checkpoints"
+    errors = [check_writable(run_dir, "run folder") if ctx.is_leader else None]
+    from llama3hp.train.stages import has_stage_layouts
+
+    if job.checkpoint.enabled or (ctx.mesh is not None and has_stage_layouts(job)):  # a re-plan saves
+        errors.append(check_writable(ckpt_dir, "checkpoint folder", ctx.rank))
+    mine = next((e for e in errors if e), None)
+    if ctx.group is not None:
+        every: list[str | None] = [None] * ctx.world_size
+        dist.all_gather_object(every, mine, group=ctx.group)
+        mine = next((e for e in every if e), None)
+    if mine is not None:
+        raise ConfigError(mine)
+    if path is not None:
+        ckpt.verify_checkpoint_shared(path, ctx.group)
+    return run_dir, ckpt_dir, path

@@ -24,6 +24,7 @@ layout, or one process, reads them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -65,7 +66,7 @@ def step_dirname(step: int) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_dcp():
+def quiet_dcp():
     # DCP warns on every call that no process group exists; single-process saves are intended.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
@@ -132,11 +133,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
     for folder in (path, path / "checkpoints"):
         latest = folder / LATEST
         if latest.is_file():
-            target = folder / latest.read_text().strip()
-            if not target.is_dir():
-                raise CheckpointError(f"{latest} points to a missing checkpoint {target}")
-            return target
+            return folder / read_latest(latest)
     raise CheckpointError(f"no checkpoint in {path} (no '{LATEST}' pointer and no step-XXXXXXXX folder)")
+
+
+def read_latest(latest: Path) -> str:
+    """The step folder name a `latest` pointer holds; one-line error naming the file otherwise."""
+    try:
+        name = latest.read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        name = ""
+    if not STEP_RE.match(name):
+        raise CheckpointError(
+            f"{latest} is not a checkpoint pointer (expected one line 'step-XXXXXXXX'): delete it, or pass "
+            "--resume PATH/step-XXXXXXXX"
+        )
+    if not (latest.parent / name).is_dir():
+        raise CheckpointError(f"{latest} points to a missing checkpoint {latest.parent / name}")
+    return name
 
 
 def rng_state() -> dict[str, Any]:
@@ -170,6 +184,67 @@ def _publish(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
+def begin_save(folder: Path, step: int, group: dist.ProcessGroup | None) -> tuple[Path, Path]:
+    """(temp folder, final folder) of checkpoint `step`: rank 0 makes an empty temp folder (removing
+    one a crash left), every rank of `group` gets its outcome."""
+    final = folder / step_dirname(step)
+    tmp = folder / (final.name + ".tmp")
+    err = None
+    if group is None or dist.get_rank(group) == 0:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash
+            tmp.mkdir()
+        except OSError as e:
+            err = disk_error(e, folder) or f"cannot create checkpoint folder {tmp}: {e.strerror}"
+    raise_shared(err, group)
+    return tmp, final
+
+
+def finish_save(
+    tmp: Path, final: Path, *, train_state: dict[str, Any], kind: str, step: int, rng: dict[str, Any] | None,
+    keep: int,
+) -> None:  # fmt: skip
+    """Rank 0, once every rank's DCP files and `.metadata` exist: the run-level files, the manifest over
+    every file, the rename into place, `latest` LAST, then pruning. OSError on failure (the caller
+    removes `tmp`)."""
+    meta = {**train_state, "kind": kind, "step": step}
+    (tmp / TRAIN_STATE).write_text(json.dumps(meta, indent=1) + "\n")
+    if rng is not None:
+        with open(tmp / RNG_STATE, "wb") as f:
+            pickle.dump(rng, f)
+    write_manifest(tmp)
+    _publish(tmp, final)
+    _write_atomic(final.parent / LATEST, (final.name + "\n").encode())
+    if keep > 0:
+        for old in list_checkpoints(final.parent)[:-keep]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def disk_error(e: BaseException, folder: Path) -> str | None:
+    """The one-line message for a full disk (ENOSPC/EDQUOT anywhere in `e`, a DCP failure included),
+    naming the folder and its free space; None for any other error."""
+    excs: list[BaseException] = [e]
+    failures = getattr(e, "failures", None) or {}
+    excs += [exc for exc, _trace in failures.values()]
+    if not any(getattr(x, "errno", None) in (errno.ENOSPC, errno.EDQUOT) for x in excs):
+        return None
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**30:.2f} GiB free"
+    except OSError:
+        free = "free space unknown"
+    return f"no space left for checkpoints in {folder} ({free}): free space or set checkpoint.dir to another disk"
+
+
+def remove_partial(tmp: Path, group: dist.ProcessGroup | None) -> None:
+    """Rank 0 removes a failed save's temp folder once every rank is done writing into it."""
+    if group is not None:
+        dist.barrier(group=group)
+    if group is None or dist.get_rank(group) == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save_checkpoint(
     folder: str | Path,
     step: int,
@@ -185,50 +260,36 @@ def save_checkpoint(
 
     train_state must be JSON-serialisable; "kind" is set to "full" or "weights". With `group` (a
     mesh's world group) every rank of it calls this with its own sharded states; train_state and
-    rng are read on rank 0 only.
+    rng are read on rank 0 only. A full disk is one line naming the folder and its free space, and
+    leaves no temp folder behind.
     """
     folder = Path(folder)
-    final = folder / step_dirname(step)
-    tmp = folder / (final.name + ".tmp")
-    leader = group is None or dist.get_rank(group) == 0
-    err = None
-    if leader:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash
-            tmp.mkdir()
-        except OSError as e:
-            err = f"cannot create checkpoint folder {tmp}: {e.strerror}"
-    _raise_shared(err, group)
+    tmp, final = begin_save(folder, step, group)
     state: dict[str, Any] = {"model": model_state}
     if optim_state is not None:
         state["optim"] = optim_state
     try:
-        with _quiet_dcp():
+        with quiet_dcp():
             dcp.save(state, checkpoint_id=str(tmp), process_group=group)
     except CheckpointException as e:  # a BaseException: would otherwise escape `except Exception`
-        raise CheckpointError(f"saving checkpoint {final} failed: {_failure_text(e)}") from None
-    if leader:
+        remove_partial(tmp, group)
+        raise CheckpointError(
+            disk_error(e, folder) or f"saving checkpoint {final} failed: {failure_text(e)}"
+        ) from None
+    err = None
+    if group is None or dist.get_rank(group) == 0:
+        kind = "full" if optim_state is not None else "weights"
         try:
-            meta = {**train_state, "kind": "full" if optim_state is not None else "weights", "step": step}
-            (tmp / TRAIN_STATE).write_text(json.dumps(meta, indent=1) + "\n")
-            if rng is not None:
-                with open(tmp / RNG_STATE, "wb") as f:
-                    pickle.dump(rng, f)
-            write_manifest(tmp)  # every rank's DCP files exist: dcp.save returned on all of them
-            _publish(tmp, final)
-            _write_atomic(folder / LATEST, (final.name + "\n").encode())
-            if keep > 0:
-                for old in list_checkpoints(folder)[:-keep]:
-                    if old != final:
-                        shutil.rmtree(old, ignore_errors=True)
+            # every rank's DCP files exist: dcp.save returned on all of them
+            finish_save(tmp, final, train_state=train_state, kind=kind, step=step, rng=rng, keep=keep)
         except OSError as e:
-            err = f"finishing checkpoint {final} failed: {e}"
-    _raise_shared(err, group)
+            shutil.rmtree(tmp, ignore_errors=True)
+            err = disk_error(e, folder) or f"finishing checkpoint {final} failed: {e}"
+    raise_shared(err, group)
     return final
 
 
-def _failure_text(e: CheckpointException) -> str:
+def failure_text(e: CheckpointException) -> str:
     """One line from a CheckpointException: the first failing rank's own error when it carries one."""
     failures = getattr(e, "failures", None) or {}
     for rank, (exc, _trace) in sorted(failures.items()):
@@ -237,7 +298,7 @@ def _failure_text(e: CheckpointException) -> str:
     return str(e).strip().splitlines()[-1][:300]
 
 
-def _raise_shared(err: str | None, group: dist.ProcessGroup | None) -> None:
+def raise_shared(err: str | None, group: dist.ProcessGroup | None) -> None:
     """Rank 0's error (or None) raised on every rank of `group`; a barrier in any case."""
     if group is not None:
         box = [err]
@@ -255,7 +316,7 @@ def verify_checkpoint_shared(folder: Path, group: dist.ProcessGroup | None) -> N
             verify_checkpoint(folder)
         except CheckpointError as e:
             err = str(e)
-    _raise_shared(err, group)
+    raise_shared(err, group)
 
 
 def read_train_state(path: str | Path) -> dict[str, Any]:
@@ -277,10 +338,10 @@ def read_rng_state(path: Path) -> dict[str, Any] | None:
 def dcp_load(state: dict[str, Any], path: Path, group: dist.ProcessGroup | None = None) -> None:
     """DCP load into `state` in place (collective over `group`); CheckpointError on failure."""
     try:
-        with _quiet_dcp():
+        with quiet_dcp():
             dcp.load(state, checkpoint_id=str(path), process_group=group)
     except CheckpointException as e:
-        raise CheckpointError(f"loading checkpoint {path} failed: {_failure_text(e)}") from None
+        raise CheckpointError(f"loading checkpoint {path} failed: {failure_text(e)}") from None
 
 
 def stored_shapes(path: Path, section: str = "model") -> dict[str, tuple[torch.Size, torch.dtype]]:

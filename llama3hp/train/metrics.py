@@ -168,8 +168,13 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+TELEMETRY_KEYS = ("gpu_sm_clock_mhz", "gpu_temp_c", "gpu_power_w", "gpu_mem_used_gib")
+
+
 class GpuTelemetry:
-    """SM clock, temperature, power and memory of one GPU via nvidia-ml-py; inert when absent."""
+    """SM clock, temperature, power and memory of one GPU via nvidia-ml-py; inert when absent. Every
+    rank reads its own GPU each step; the trainer agrees on the min and max over ranks in the step's
+    one all-reduce (`telemetry_extra` / `telemetry_columns`)."""
 
     def __init__(self, device: torch.device):
         self.handle = None
@@ -199,12 +204,37 @@ class GpuTelemetry:
             return {}
 
 
+def telemetry_extra(reading: dict[str, float], keys: Sequence[str] = TELEMETRY_KEYS) -> dict[str, float]:
+    """This rank's reading as values to agree on by MAX: each key as itself (the max over ranks) and
+    negated (the min); a value this rank lacks is -inf for both."""
+    out = {}
+    for k in keys:
+        v = reading.get(k)
+        out[f"{k}_max"] = float(v) if v is not None else -math.inf
+        out[f"{k}_min"] = -float(v) if v is not None else -math.inf
+    return out
+
+
+def telemetry_columns(synced: dict[str, float], keys: Sequence[str] = TELEMETRY_KEYS) -> dict[str, float]:
+    """The metrics columns `<key>_min` / `<key>_max` over every rank from the agreed values."""
+    out = {}
+    for k in keys:
+        hi, lo = synced.get(f"{k}_max", -math.inf), synced.get(f"{k}_min", -math.inf)
+        if math.isfinite(hi) and math.isfinite(lo):
+            out[f"{k}_max"], out[f"{k}_min"] = hi, -lo
+    return out
+
+
 class MetricsLogger:
     """Writes one JSON row per logged step to metrics.jsonl (and TensorBoard when asked)."""
 
-    def __init__(self, run_dir: Path, *, jsonl: bool = True, tensorboard: bool = False):
+    def __init__(
+        self, run_dir: Path, *, jsonl: bool = True, tensorboard: bool = False, after_step: int | None = None
+    ):
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl" if jsonl else None
+        if self.path is not None and after_step is not None:
+            keep_rows_up_to(self.path, after_step)
         self._file = open(self.path, "a") if self.path else None
         self._tb = None
         if tensorboard:
@@ -235,6 +265,21 @@ class MetricsLogger:
             self._tb = None
 
 
+def keep_rows_up_to(path: Path, step: int) -> None:
+    """Drop the rows of steps after `step` from a metrics file (a resumed or rolled-back run replays
+    them: each step keeps one row). Rewritten to a temporary name and renamed."""
+    if not path.is_file():
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -260,7 +305,8 @@ def plot_loss(rows: Sequence[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    last = {r["step"]: r for r in rows}  # a resumed run re-logs steps: the last one wins
+    # A resumed run re-logs steps (the last one wins); skipped non-finite steps leave a gap.
+    last = {r["step"]: r for r in rows if math.isfinite(r["loss"])}
     steps = sorted(last)
     losses = [last[s]["loss"] for s in steps]
     dpo = all(k in last[steps[-1]] for k in PREFERENCE_STATS) if steps else False
@@ -299,13 +345,16 @@ def format_summary(rows: Sequence[dict[str, Any]], wall_s: float) -> str:
     if not rows:
         return f"no steps run ({wall_s:.1f} s)"
     last = rows[-1]
-    loss_first, loss_last = rows[0]["loss"], smoothed([r["loss"] for r in rows])[-1]
+    finite = [r["loss"] for r in rows if math.isfinite(r["loss"])] or [math.nan]
+    loss_first, loss_last = rows[0]["loss"], smoothed(finite)[-1]
+    skipped = sum(1 for r in rows if r.get("health_action") == "skip")
     tok_s = sum(r["tokens"] for r in rows) / max(sum(r["step_time_s"] for r in rows), 1e-9)
     return (
         f"done: {last['step']} steps, {last['tokens_seen']:,} tokens in {wall_s:.1f} s | "
         f"loss {loss_first:.3f} -> {last['loss']:.3f} (smoothed {loss_last:.3f}) | "
         f"{tok_s:,.0f} tok/s | MFU {100 * sum(r['mfu'] for r in rows) / len(rows):.2f}% | "
         f"peak mem {last['peak_mem_gib']:.2f} GiB"
+        + (f" | {skipped} step(s) skipped by the health monitor" if skipped else "")
         + (
             f" | FP8 {100 * last['fp8_share']:.0f}% of FLOPs, mixed MFU "
             f"{100 * sum(r['mfu_mixed'] for r in rows) / len(rows):.2f}%"
@@ -371,10 +420,11 @@ class MetricsProcessor:
             from llama3hp.fp8 import fp8_flops_per_token
 
             self.fp8_fpt = fp8_flops_per_token(model_args, fqns=list(fp8_fqns))
+        # A resumed run replays the steps after its checkpoint: their old rows go, each step keeps one.
         self.logger = MetricsLogger(
-            run_dir, jsonl=cfg.jsonl and leader, tensorboard=cfg.tensorboard and leader
+            run_dir, jsonl=cfg.jsonl and leader, tensorboard=cfg.tensorboard and leader, after_step=first_step
         )
-        self.telemetry = GpuTelemetry(device) if cfg.gpu_telemetry and leader else None
+        self.events_path = run_dir / "events.jsonl"
         self.rows: list[dict[str, Any]] = []
         self.bar = tqdm(
             total=total_steps, initial=first_step, disable=not (cfg.progress and leader), unit="step",
@@ -397,8 +447,6 @@ class MetricsProcessor:
             peak8, note = fp8_peak_flops(self.device, self.peak, self.cfg.peak_fp8_flops)
             row["fp8_recipe"] = self.fp8_recipe
             row.update(fp8_fields(tok_s, fpt, self.fp8_fpt, self.peak, peak8, self.world_size, note))
-        if self.telemetry is not None:
-            row.update(self.telemetry.read())
         self.rows.append(row)
         if self.leader and (row["step"] % self.cfg.log_interval == 0 or row["step"] == self.total_steps):
             self.logger.log(row)
@@ -410,6 +458,27 @@ class MetricsProcessor:
             loss=f"{row['loss']:.3f}", **extra, tok_s=f"{tok_s:,.0f}", mfu=f"{100 * row['mfu']:.2f}%"
         )
         return row
+
+    def event(self, kind: str, step: int, message: str, **fields: Any) -> None:
+        """A run event (a health verdict, a rollback, a stop, a re-plan, stragglers, a resume): one log
+        line and one row of <run dir>/events.jsonl, from rank 0."""
+        if not self.leader:
+            return
+        self.bar.write(f"[{kind}] {message}")
+        row = {"time": time.time(), "kind": kind, "step": step, "message": message, **fields}
+        with open(self.events_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def rewind(self, step: int) -> None:
+        """Forget the rows after `step` (a rollback replays from there with other data)."""
+        self.rows = [r for r in self.rows if r["step"] <= step]
+        self.logger.rows = [r for r in self.logger.rows if r["step"] <= step]
+        if self.logger.path is not None and self.logger._file is not None:
+            self.logger._file.close()
+            keep_rows_up_to(self.logger.path, step)
+            self.logger._file = open(self.logger.path, "a")
+        self.bar.n = step
+        self.bar.refresh()
 
     def close(self) -> None:
         self.bar.close()

@@ -10,8 +10,9 @@ at step s having seen t tokens", so a resumed run picks up exactly where it stop
   tokens to 0 and averages the checkpoints taken there.
 - Batch-size ramp-up: a list of (tokens_seen, global_batch_rows); from each threshold on, that
   many rows (the paper starts with a smaller batch for stability).
-- Staged sequence length: a list of (tokens_seen, seq_len) (the paper goes 8K -> 128K in six
-  stages).
+- Staged sequence length: a list of (tokens_seen, seq_len) or (tokens_seen, seq_len, cp) (the
+  paper goes 8K -> 128K in six stages); the optional third element is the stage's context-parallel
+  degree, or "auto" (the trainer re-plans its mesh at the boundary: `llama3hp/train/stages.py`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -58,23 +60,33 @@ def lr_at(s: LRSchedule, step: int, tokens_seen: int = 0) -> float:
     return lr
 
 
-def _staged(table: Sequence[Sequence[int]], tokens_seen: int, default: int) -> int:
+def _staged(table: Sequence[Sequence[Any]], tokens_seen: int, default: Any, column: int = 1) -> Any:
     value = default
-    for threshold, v in table:
-        if tokens_seen >= threshold:
-            value = int(v)
+    for entry in table:
+        if tokens_seen >= entry[0] and len(entry) > column:
+            value = entry[column]
     return value
 
 
 def batch_rows_at(ramp: Sequence[Sequence[int]], tokens_seen: int, default: int) -> int:
     """Global batch rows after `tokens_seen` tokens: the value of the last (threshold, rows) entry
     with threshold <= tokens_seen; `default` before the first threshold."""
-    return _staged(ramp, tokens_seen, default)
+    return int(_staged(ramp, tokens_seen, default))
 
 
-def seq_len_at(stages: Sequence[Sequence[int]], tokens_seen: int, default: int) -> int:
-    """Sequence length after `tokens_seen` tokens, from (threshold, seq_len) stages (as above)."""
-    return _staged(stages, tokens_seen, default)
+def seq_len_at(stages: Sequence[Sequence[Any]], tokens_seen: int, default: int) -> int:
+    """Sequence length after `tokens_seen` tokens, from (threshold, seq_len[, layout]) stages (as above)."""
+    return int(_staged(stages, tokens_seen, default))
+
+
+def stage_cp_at(stages: Sequence[Sequence[Any]], tokens_seen: int, default: int) -> int | str:
+    """The context-parallel degree the stage in effect asks for: its third element (an int, or "auto":
+    the smallest that fits memory), `default` (parallel.cp) for a stage without one."""
+    value = default
+    for entry in stages:
+        if tokens_seen >= entry[0]:
+            value = entry[2] if len(entry) > 2 else default
+    return value
 
 
 def plan_tokens(
@@ -91,16 +103,24 @@ def plan_tokens(
     return tokens
 
 
-def check_table(name: str, table: Sequence[Sequence[int]]) -> None:
+def check_table(name: str, table: Sequence[Sequence[Any]], *, layouts: bool = False) -> None:
     """One-line error unless `table` is a list of [tokens_seen, value] pairs with rising thresholds
-    and positive values."""
+    and positive values; with `layouts`, an entry may add a third element, a context-parallel degree
+    (an int >= 1) or "auto"."""
     last = -1
+    width = "[tokens_seen, value] or [tokens_seen, value, cp]" if layouts else "[tokens_seen, value]"
     for entry in table:
-        if len(entry) != 2:
-            raise ValueError(f"{name}: each entry must be [tokens_seen, value], got {list(entry)}")
-        threshold, value = entry
+        if not isinstance(entry, (list, tuple)) or len(entry) not in ((2, 3) if layouts else (2,)):
+            raise ValueError(f"{name}: each entry must be {width}, got {entry!r}")
+        threshold, value = entry[0], entry[1]
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (threshold, value)):
+            raise ValueError(f"{name}: thresholds and values must be integers, got {list(entry)}")
         if threshold < 0 or value <= 0:
             raise ValueError(f"{name}: thresholds must be >= 0 and values > 0, got {list(entry)}")
         if threshold <= last:
             raise ValueError(f"{name}: thresholds must rise strictly, got {threshold} after {last}")
+        if len(entry) == 3 and entry[2] != "auto" and not (isinstance(entry[2], int) and entry[2] >= 1):
+            raise ValueError(
+                f'{name}: a stage\'s layout is a context-parallel degree >= 1 or "auto", got {entry[2]!r}'
+            )
         last = threshold

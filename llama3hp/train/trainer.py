@@ -17,23 +17,38 @@ loader and RNG states are checkpointed, so `--resume` continues bit-exactly on C
 from __future__ import annotations
 
 import dataclasses
+import gc
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 
 from llama3hp.errors import ConfigError
-from llama3hp.parallel.distributed import ParallelContext
+from llama3hp.parallel.distributed import ParallelContext, context_from_mesh, release_mesh, restart_attempt
+from llama3hp.parallel.mesh import build_mesh
 from llama3hp.posttrain.build import build_objective, build_reference
 from llama3hp.posttrain.reward import REWARD_HEAD
 from llama3hp.train import build
 from llama3hp.train import checkpoint as ckpt
-from llama3hp.train.checkpointer import Checkpointer
-from llama3hp.train.metrics import MetricsProcessor, doc_lengths
+from llama3hp.train.checkpointer import Checkpointer, latest_complete
+from llama3hp.train.faults import FaultInjector
+from llama3hp.train.health import HealthMonitor, TrainingDiverged, Verdict
+from llama3hp.train.metrics import (
+    GpuTelemetry,
+    MetricsProcessor,
+    doc_lengths,
+    telemetry_columns,
+    telemetry_extra,
+)
+from llama3hp.train.preemption import StopRequest
 from llama3hp.train.profiler import ProfileWindow
 from llama3hp.train.schedules import LRSchedule, batch_rows_at, check_table, lr_at, plan_tokens, seq_len_at
+from llama3hp.train.stages import has_stage_layouts, stage_parallel
+from llama3hp.train.watchdog import StepSections, Watchdog
 
 if TYPE_CHECKING:
     from llama3hp.config import JobConfig
@@ -62,12 +77,17 @@ class TrainingConfig:
     anneal_steps: int = 0  # last steps with lr linearly from the floor to 0 (0 = none)
     anneal_tokens: int = 0  # or: last tokens with lr linearly to 0 (0 = none)
     batch_ramp: list[list[int]] = field(default_factory=list)  # [[tokens_seen, global_batch_rows], ...]
-    seq_len_stages: list[list[int]] = field(default_factory=list)  # [[tokens_seen, seq_len], ...]
+    # [[tokens_seen, seq_len], ...]; a third element is the stage's context-parallel degree or "auto"
+    seq_len_stages: list[list[Any]] = field(default_factory=list)
     z_loss_scale: float = 0.0  # PaLM z-loss coefficient (0 = off)
     seed: int = 0  # weight init and RNG seed
     device: str = "auto"  # "auto" (cuda when available) | "cpu" | "cuda"
     dtype: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "float32" | "bfloat16"
     init_from: str | None = None  # checkpoint dir whose model weights start the run (e.g. `llama3hp import`)
+    # "" starts fresh; "auto" continues the latest complete checkpoint of the run's folder if there is
+    # one (run_dir, else <runs_root>/<name>: the same folder on every restart), else starts there;
+    # a path continues that checkpoint
+    resume: str = ""
     # "full": checkpointed blocks keep only their input and recompute their forward in backward
     # (activation memory per block ~34x smaller, ~1/3 more block FLOPs); "none": keep everything.
     activation_checkpointing: str = "none"
@@ -88,7 +108,7 @@ class TrainingConfig:
             )
         try:
             check_table("training.batch_ramp", self.batch_ramp)
-            check_table("training.seq_len_stages", self.seq_len_stages)
+            check_table("training.seq_len_stages", self.seq_len_stages, layouts=True)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if not 0 <= self.warmup_steps <= self.steps:
@@ -102,15 +122,20 @@ class TrainingConfig:
             )
         if self.anneal_tokens < 0:
             raise ConfigError(f"training.anneal_tokens must be >= 0, got {self.anneal_tokens}")
-        if self.lr <= 0:
-            raise ConfigError(f"training.lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"training.lr must be a positive finite number, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"training.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"training.betas must be two numbers in [0, 1), got {self.betas}")
+        if not all(math.isfinite(v) for v in (self.weight_decay, self.eps, self.grad_clip, *self.betas)):
+            raise ConfigError(
+                "training.weight_decay, eps, grad_clip and betas must be finite numbers "
+                f"(NaN would silently turn clipping off), got grad_clip={self.grad_clip}"
+            )
         if self.weight_decay < 0 or self.eps <= 0 or self.grad_clip < 0:
             raise ConfigError(
-                "training.weight_decay and training.grad_clip must be >= 0 and training.eps > 0"
+                "training.weight_decay and training.grad_clip must be >= 0 (grad_clip 0 = off) and training.eps > 0"
             )
         for name, value, choices in (
             ("device", self.device, DEVICES),
@@ -131,6 +156,7 @@ class TrainResult:
     rows: list[dict[str, Any]] = field(default_factory=list)  # the metrics rows of this invocation
     wall_s: float = 0.0
     last_checkpoint: Path | None = None
+    stopped: bool = False  # stopped on request (a signal or the stop file) after a checkpoint
 
     @property
     def losses(self) -> list[float]:
@@ -138,7 +164,8 @@ class TrainResult:
 
 
 class Trainer:
-    """Builds everything from a JobConfig (`build.py`) and runs the loop (`run`)."""
+    """Builds everything from a JobConfig (`build.py`) and runs the loop (`run`). `resume`: a
+    checkpoint path, "auto" or "" (default: training.resume)."""
 
     def __init__(
         self, job: JobConfig, *, ctx: ParallelContext | None = None, resume: str | Path | None = None
@@ -146,10 +173,12 @@ class Trainer:
         self.job, t = job, job.training
         self.ctx = ctx or ParallelContext()
         build.check_layout(job, self.ctx)
-        # Fail on a bad checkpoint path before the minutes of building data and model.
-        resume_path = ckpt.resolve_checkpoint(resume) if resume else None
-        if resume_path is not None:
-            ckpt.verify_checkpoint_shared(resume_path, self.ctx.group)
+        # Folders writable and the checkpoint complete before the minutes of building data and model.
+        self.run_dir, ckpt_dir, resume_path = build.prepare_run(job, self.ctx, resume)
+        self.step, self.tokens_seen = 0, 0
+        if has_stage_layouts(job):  # the mesh of the stage the run starts (or resumes) in
+            start = ckpt.read_train_state(resume_path).get("tokens_seen", 0) if resume_path is not None else 0
+            self.ctx = self.stage_context(int(start))
         self.device = build.select_device(t.device, self.ctx)
         self.amp_dtype = build.autocast_dtype(t.dtype, self.device)
         build.check_precision(job, self.amp_dtype)
@@ -158,7 +187,7 @@ class Trainer:
         build.seed_everything(t.seed)
 
         self.tokenizer, self.loader = build.build_loader(job, self.ctx)
-        self.model = build.build_model(job, self.device, self.ctx, self.amp_dtype)
+        self.model = build.build_model(self.stage_job(), self.device, self.ctx, self.amp_dtype)
         self.fp8_fqns = self.model.fp8_linear_names() if job.fp8.enabled else []
         self.optimizer = build.build_optimizer(self.model, t, self.device)
         # [posttrain]: next-token (pre-training), SFT or DPO, and DPO's frozen reference.
@@ -176,13 +205,15 @@ class Trainer:
             if t.anneal_tokens
             else 0,
         )
-        self.step, self.tokens_seen = 0, 0
-        run_dir = build.pick_run_dir(job, resume_path) if self.ctx.is_leader else None
-        self.run_dir = Path(self.ctx.broadcast(str(run_dir) if run_dir is not None else None))
-        ckpt_dir = Path(job.checkpoint.dir) if job.checkpoint.dir else self.run_dir / "checkpoints"
         self.checkpointer = Checkpointer(
-            job.checkpoint, ckpt_dir, self.model, self.optimizer, self.ctx.group, self.train_state
-        )
+            job.checkpoint, ckpt_dir, self.model, self.optimizer, self.ctx.group, self.train_state,
+            log=self.log,
+        )  # fmt: skip
+        self.health = HealthMonitor(job.health, self.ctx.group, self.ctx.rank, self.device)
+        self.sections = StepSections(self.device)
+        self.telemetry = GpuTelemetry(self.device) if job.metrics.gpu_telemetry else None
+        self.on_disk_step: int | None = None  # the step whose state a checkpoint holds exactly
+        self.resumed = resume_path is not None
         if resume_path is not None:
             self.resume(resume_path)
         elif t.init_from:
@@ -191,11 +222,30 @@ class Trainer:
             state = self.checkpointer.load(Path(t.init_from), with_optimizer=False, fresh=fresh)
             if state["fresh"] and self.ctx.is_leader:
                 print(f"{', '.join(state['fresh'])} not in {t.init_from}: initialised afresh", flush=True)
-        if self.step >= t.steps:
+        self.faults = FaultInjector(
+            job.fault, rank=self.ctx.rank, world=self.ctx.world_size, total_steps=t.steps, attempt=restart_attempt(),
+            log_path=self.run_dir / "faults.jsonl",
+        )  # fmt: skip
+        self.complete = self.step >= t.steps
+        if self.complete and str(resume if resume is not None else t.resume) != "auto":
             raise ConfigError(
                 f"checkpoint is at step {self.step}, already >= training.steps={t.steps}: "
                 "raise training.steps to continue"
             )
+
+    def log(self, line: str) -> None:
+        if self.ctx.is_leader:
+            print(line, flush=True)
+
+    def job_store(self) -> Any:
+        """The job's store for heartbeats: torchrun's (under this attempt's prefix), else the default
+        group's when one was initialised some other way (tests)."""
+        if self.ctx.store is not None or self.ctx.group is None:
+            return self.ctx.store
+        try:
+            return dist.distributed_c10d._get_default_store()
+        except (RuntimeError, AttributeError):  # no default group, or a torch without the helper
+            return None
 
     # ------------------------------------------------------------------ state
     def train_state(self) -> dict[str, Any]:
@@ -211,42 +261,62 @@ class Trainer:
             "model_args": dataclasses.asdict(self.job.model),
             "run_dir": str(self.run_dir),
             "parallel": dataclasses.asdict(self.ctx.mesh.dims) if self.ctx.mesh is not None else None,
+            "health": self.health.state_dict(),
         }
 
-    def resume(self, path: Path) -> None:
-        """Continue a checkpoint of any layout: weights, AdamW, counters, loader position and RNG."""
-        state = self.checkpointer.load(path, verify=False)  # verified in __init__
+    def resume(self, path: Path, *, restore_health: bool = True) -> None:
+        """Continue a checkpoint of any layout: weights, AdamW, counters, loader position, health and RNG."""
+        state = self.checkpointer.load(path, verify=False)  # verified in prepare_run
         if state.get("kind") != "full":  # weights only (import / average): a fresh run from them
             return
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.loader.load_state_dict(state["loader"])
+        if restore_health and "health" in state:
+            self.health.load_state_dict(state["health"])
         rng = ckpt.read_rng_state(path)
         if rng is not None:
             ckpt.set_rng_state(rng)
+        self.on_disk_step = self.step
 
     # ------------------------------------------------------------------ the step
-    def train_step(self) -> tuple[dict[str, Any], list[int]]:
-        """One optimizer step; returns its metrics row (without timing) and its document lengths."""
-        t = self.job.training
+    def train_step(self) -> tuple[dict[str, Any], list[int], Verdict]:
+        """One optimizer step (unless the health monitor says otherwise); returns its metrics row
+        (without timing), its document lengths and the health verdict."""
+        t, step = self.job.training, self.step + 1
         rows = batch_rows_at(t.batch_ramp, self.tokens_seen, t.global_batch_rows)
         seq_len = seq_len_at(t.seq_len_stages, self.tokens_seen, t.seq_len)
         accum = t.grad_accum_steps(rows, self.ctx.dp_size)
-        batches = [self.loader.next_batch(t.micro_batch_rows, seq_len).to(self.device) for _ in range(accum)]
-        if self.reference is not None:  # DPO: the reference's log-probabilities of each pair
-            self.reference.annotate(batches)
+        with self.sections.section("data"):
+            self.faults.before_step(step, self.loader.datasets)
+            batches = [
+                self.loader.next_batch(t.micro_batch_rows, seq_len).to(self.device) for _ in range(accum)
+            ]
+            if self.reference is not None:  # DPO: the reference's log-probabilities of each pair
+                self.reference.annotate(batches)
 
-        result = self.model.forward_backward(batches, self.objective)
-        grad_norm = self.model.clip_grad_norm_(t.grad_clip)
+        def compute(rerun: bool) -> tuple[Any, torch.Tensor]:
+            with self.sections.section("forward_backward"):
+                result = self.model.forward_backward(batches, self.objective)
+                self.faults.after_backward(self.optimizer, rerun)
+                return result, self.model.clip_grad_norm_(t.grad_clip)
+
+        extra = {"stop": float(self.stop.requested)}
+        if self.telemetry is not None:
+            extra.update(telemetry_extra(self.telemetry.read()))
+        with self.sections.section("sync"):  # the one all-reduce of the health check (and any rerun)
+            result, grad_norm, verdict = self.health.run_step(step, compute, self.model.zero_grad, extra)
         lr = lr_at(self.schedule, self.step, self.tokens_seen)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.model.after_optimizer_step()
-        self.model.zero_grad()
+        with self.sections.section("optimizer"):
+            if verdict.action == "step":
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                self.optimizer.step()
+                self.model.after_optimizer_step()
+            self.model.zero_grad()
 
         tokens = rows * seq_len
-        self.step += 1
+        self.step = step
         self.tokens_seen += tokens
         row = {
             "step": self.step,
@@ -259,12 +329,18 @@ class Trainer:
             "seq_len": seq_len,
             "grad_accum": accum,
             **{k: v.item() for k, v in result.stats.items()},
+            **verdict.row(),
+            **telemetry_columns(verdict.synced),
         }
-        return row, [n for b in batches for n in doc_lengths(b.cu_seqlens)]
+        return row, [n for b in batches for n in doc_lengths(b.cu_seqlens)], verdict
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
         job, t, lead = self.job, self.job.training, self.ctx.is_leader
+        result = TrainResult(run_dir=self.run_dir)
+        if self.complete:  # training.resume=auto after the last step: nothing left to do
+            self.log(f"run {self.run_dir} is already complete (step {self.step} of {t.steps})")
+            return result
         if lead:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             job.dump(self.run_dir / "config.json")
@@ -273,26 +349,161 @@ class Trainer:
             total_steps=t.steps, first_step=self.step, fp8_recipe=job.fp8.recipe if job.fp8.enabled else None,
             fp8_fqns=self.fp8_fqns,
         )  # fmt: skip
+        if self.resumed:
+            metrics.event("resume", self.step, f"resumed at step {self.step} (attempt {restart_attempt()})")
         profiler = ProfileWindow(job.metrics.profile_steps, self.run_dir, self.device, enabled=lead)
-        result = TrainResult(run_dir=self.run_dir)
+        straggler_every = job.watchdog.straggler_interval
+        self.stop = StopRequest(self.run_dir, watch_file=lead)
+        if lead:
+            self.stop.clear_stale()  # left by the job this one was requeued from
+        self.watchdog = Watchdog(
+            job.watchdog, rank=self.ctx.rank, world=self.ctx.world_size, store=self.job_store(),
+            sections=self.sections, dump_dir=self.run_dir / "hangs", attempt=restart_attempt(),
+        )  # fmt: skip
         start = time.perf_counter()
         try:
             while self.step < t.steps:
+                self.maybe_replan(metrics)
                 profiler.step_begins(self.step)
-                t0 = time.perf_counter()
-                row, doc_lens = self.train_step()
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                metrics.log(row, time.perf_counter() - t0, doc_lens)
+                with self.watchdog.watch(f"step {self.step + 1}", is_step=True):
+                    t0 = time.perf_counter()
+                    row, doc_lens, verdict = self.train_step()
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    step_time = time.perf_counter() - t0
+                self.sections.end_step()
+                if straggler_every and self.step % straggler_every == 0:
+                    row.update(self.report_stragglers(metrics))
+                if verdict.message:
+                    metrics.event(
+                        verdict.event or "health", self.step, verdict.message, action=verdict.action
+                    )
+                if verdict.action == "abort":
+                    metrics.log(row, step_time, doc_lens)
+                    raise TrainingDiverged(verdict.message)
+                if verdict.action == "rollback":
+                    self.rollback(metrics)
+                    continue
+                stop = verdict.synced.get("stop", 0.0) > 0
+                with self.watchdog.watch(f"checkpoint of step {self.step}"):
+                    blocked = self.checkpointer.maybe_save(self.step, last=self.step == t.steps or stop)
+                if blocked is not None:
+                    row["checkpoint_block_s"] = blocked
+                    self.on_disk_step = self.step
+                metrics.log(row, step_time, doc_lens)
                 profiler.step_ended(self.step)
-                if self.checkpointer.maybe_save(self.step, last=self.step == t.steps):
-                    result.last_checkpoint = self.checkpointer.last
+                if stop:
+                    metrics.event(
+                        "stop", self.step, f"stopped on request at step {self.step} after a checkpoint"
+                    )
+                    result.stopped = True
+                    break
+            with self.watchdog.watch("the last checkpoint"):
+                self.checkpointer.wait()
+            result.last_checkpoint = self.checkpointer.last
         finally:
+            self.watchdog.close()
+            self.stop.close()
             metrics.close()
             profiler.close(self.step)
         result.rows, result.wall_s = metrics.rows, time.perf_counter() - start
         metrics.finish(result.wall_s)
         return result
+
+    # ------------------------------------------------------------------ what the loop calls on events
+    def report_stragglers(self, metrics: MetricsProcessor) -> dict[str, Any]:
+        """Every rank's section times compared (a collective every straggler_interval steps)."""
+        cols = self.sections.gather(self.ctx.group, self.job.watchdog.straggler_factor)
+        if cols["stragglers"]:
+            slow = ", ".join(
+                f"rank {s['rank']} {s['section']} {s['s']:.3f} s (median {s['median_s']:.3f} s)"
+                for s in cols["stragglers"]
+            )
+            metrics.event(
+                "straggler",
+                self.step,
+                f"stragglers over the last steps: {slow}",
+                stragglers=cols["stragglers"],
+            )
+        return cols
+
+    def rollback(self, metrics: MetricsProcessor) -> None:
+        """Reload the last checkpoint and skip the data window that led to the bad step: the loader
+        keeps its position, everything else returns to the checkpoint."""
+        self.checkpointer.wait()
+        path = latest_complete(self.checkpointer.folder)
+        if path is None:
+            raise TrainingDiverged(
+                f"step {self.step}: rollback asked for, but there is no checkpoint yet: aborting"
+            )
+        bad_step, window_end = self.step, self.loader.state_dict()
+        with self.watchdog.watch(f"rollback to {path.name}"):
+            self.resume(path, restore_health=False)
+            self.loader.load_state_dict(window_end)
+        metrics.rewind(self.step)
+        metrics.event(
+            "rollback",
+            bad_step,
+            f"rolled back to {path.name}; the data of steps {self.step + 1}..{bad_step} is skipped",
+        )
+
+    def stage_job(self) -> JobConfig:
+        """The job with the [parallel] layout of the current mesh (a stage may change cp and dp)."""
+        if self.ctx.mesh is None or not has_stage_layouts(self.job):
+            return self.job
+        dims = self.ctx.mesh.dims
+        return dataclasses.replace(
+            self.job, parallel=dataclasses.replace(self.job.parallel, cp=dims.cp, dp=dims.dp)
+        )
+
+    def stage_context(self, tokens_seen: int) -> ParallelContext:
+        """This rank's context under the layout of the stage at `tokens_seen` (the current one if it
+        already is; a new mesh over the same ranks otherwise, the old groups released)."""
+        if self.ctx.mesh is None or not has_stage_layouts(self.job):
+            return self.ctx
+        cfg = stage_parallel(self.job, tokens_seen, self.ctx.world_size)
+        if cfg.cp == self.ctx.mesh.dims.cp:
+            return self.ctx
+        release_mesh(self.ctx.mesh)
+        return context_from_mesh(build_mesh(cfg), self.ctx.store)
+
+    def maybe_replan(self, metrics: MetricsProcessor) -> None:
+        """At a stage boundary whose layout differs: checkpoint, rebuild mesh, model, AdamW and
+        checkpointer in-process, and reload through DCP (see stages.py)."""
+        if self.ctx.mesh is None or not has_stage_layouts(self.job):
+            return
+        want = stage_parallel(self.job, self.tokens_seen, self.ctx.world_size)
+        if want.cp == self.ctx.mesh.dims.cp:
+            return
+        old = self.ctx.mesh.dims
+        with self.watchdog.watch(f"re-plan at step {self.step}"):
+            if self.on_disk_step != self.step:
+                self.checkpointer.save(self.step, wait=True)
+            self.checkpointer.wait()
+            path = self.checkpointer.last
+            assert path is not None
+            del self.model, self.optimizer
+            self.checkpointer.model = self.checkpointer.optimizer = None  # type: ignore[assignment]
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.ctx = self.stage_context(self.tokens_seen)
+            self.loader.set_data_parallel(self.ctx.dp_rank, self.ctx.dp_size)
+            self.model = build.build_model(self.stage_job(), self.device, self.ctx, self.amp_dtype)
+            self.optimizer = build.build_optimizer(self.model, self.job.training, self.device)
+            self.checkpointer = Checkpointer(
+                self.job.checkpoint, self.checkpointer.folder, self.model, self.optimizer, self.ctx.group,
+                self.train_state, save_group=self.checkpointer.save_group, log=self.log,
+            )  # fmt: skip
+            self.health.group = self.ctx.group
+            self.resume(path)
+        assert self.ctx.mesh is not None
+        new = self.ctx.mesh.dims
+        metrics.event(
+            "replan", self.step,
+            f"stage boundary at {self.tokens_seen:,} tokens: mesh TP{old.tp} CP{old.cp} PP{old.pp} DP{old.dp} -> "
+            f"TP{new.tp} CP{new.cp} PP{new.pp} DP{new.dp}, resharded from {path.name}",
+        )  # fmt: skip
 
 
 def train(

@@ -184,3 +184,64 @@ def test_tokenizer_other_path_reports_its_sha(tmp_path, tok):
     shutil.copy(tok.path, copy)
     other = Tokenizer.load(Path(copy))
     assert other.sha256 == tok.sha256 and other.path == copy.resolve()
+
+
+def test_corrupt_token_bytes_are_caught_as_rows_are_read(synth):
+    """A flipped high byte in a shard (sizes still agree, checksums off by default) is one line naming
+    the shard file and the offset when the loader reads that token, not an IndexError mid-step."""
+    path, _ = synth()
+    shard = path / "shard_00000.bin"
+    data = bytearray(shard.read_bytes())
+    data[4 * 7 + 3] = 0x7F  # token 7's high byte: id ~2**31, far beyond the 2**20 vocabulary
+    shard.write_bytes(bytes(data))
+    loader = build_loader(DataConfig(datasets=[str(path)]), tokenizer_sha256=FAKE_SHA)
+    with raises_one_line(
+        r"token id \d+ >= vocabulary size 1048576 in .*shard_00000.bin at token 7 \(byte offset 28\)"
+    ):
+        for _ in range(100):  # an epoch of this dataset is a few dozen rows
+            loader.next_batch(2, 16)
+
+
+def test_injected_corruption_leaves_the_file_alone(synth):
+    """The fault injector's corruption is a private copy-on-write map: the next read fails, the
+    file's bytes do not change."""
+    path, _ = synth()
+    before = (path / "shard_00000.bin").read_bytes()
+    ds = TokenDataset(path)
+    ds.corrupt_next_read()
+    with raises_one_line("shard_00000.bin at token 0 "):
+        ds.doc_tokens(0)
+    assert (path / "shard_00000.bin").read_bytes() == before
+
+
+def test_output_exists_names_the_flag_and_a_killed_run_leaves_no_temp_folder(tmp_path, capsys):
+    from llama3hp.cli import main
+
+    (tmp_path / "in.txt").write_text("hello")
+    stale = tmp_path / ".out.tmp-999999999"  # left by a prepare killed mid-write (no such PID now)
+    stale.mkdir()
+    (stale / "shard_00000.bin").write_bytes(b"\0" * 8)
+    assert main(["prepare", str(tmp_path / "in.txt"), "--out", str(tmp_path / "out"), "--workers", "1"]) == 0
+    assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out"]
+    assert main(["prepare", str(tmp_path / "in.txt"), "--out", str(tmp_path / "out"), "--workers", "1"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    args = [
+        "prepare",
+        str(tmp_path / "in.txt"),
+        "--out",
+        str(tmp_path / "out"),
+        "--workers",
+        "1",
+        "--overwrite",
+    ]
+    assert main(args) == 0
+
+
+def test_prepare_walks_a_folder_of_jsonl_files(tmp_path):
+    from llama3hp.cli import main
+
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    for name, text in (("a.jsonl", "one"), ("b.jsonl", "two"), ("sub/c.jsonl", "three")):
+        (tmp_path / "in" / name).write_text(json.dumps({"text": text}) + "\n")
+    assert main(["prepare", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--workers", "1"]) == 0
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["n_docs"] == 3

@@ -75,6 +75,9 @@ def run_case(case: dict) -> dict | None:
     }
     if case.get("params"):
         out["params"] = trainer.model.full_state_dict()
+    if case.get("rows"):
+        out["rows"] = result.rows
+        out["mesh"] = tuple(trainer.ctx.mesh.dims.sizes.values()) if trainer.ctx.mesh is not None else None
     return out
 
 
