@@ -49,9 +49,15 @@ def _dpo(data, init, *extra):
                 "training.steps=2", *extra)  # fmt: skip
 
 
-def test_dpo_precomputed_and_co_resident_agree(data, sft_run):
+@pytest.fixture(scope="module")
+def dpo_pre(data, sft_run):
+    """A DPO run with the reference precomputed: it writes the values file beside the data."""
+    return train(_dpo(data, sft_run.last_checkpoint, f"run_dir={data}/dpo_pre"))
+
+
+def test_dpo_precomputed_and_co_resident_agree(data, sft_run, dpo_pre):
     init = sft_run.last_checkpoint
-    pre = train(_dpo(data, init, f"run_dir={data}/dpo_pre"))
+    pre = dpo_pre
     files = list((data / "pref").glob("reference-*.json"))
     assert len(files) == 1  # two numbers per pair, beside the data
     values = json.loads(files[0].read_text())
@@ -67,7 +73,7 @@ def test_dpo_precomputed_and_co_resident_agree(data, sft_run):
     assert "rewards/margin" in logged[-1]
 
 
-def test_dpo_refuses_values_of_another_reference(data, sft_run, tmp_path):
+def test_dpo_refuses_values_of_another_reference(data, sft_run, dpo_pre, tmp_path):
     values = next((data / "pref").glob("reference-*.json"))
     other = json.loads(values.read_text())
     other["checkpoint_sha256"] = "0" * 64
