@@ -47,7 +47,7 @@ import torch
 
 from llama3hp.data.batch import IGNORE_INDEX, Batch
 from llama3hp.data.chat import FORMAT
-from llama3hp.data.errors import DataError
+from llama3hp.data.errors import DataError, check_dp_slice
 from llama3hp.data.indices import DOC_SHUFFLE, seeded_permutation
 from llama3hp.data.shards import TokenDataset
 
@@ -125,10 +125,9 @@ class ExampleLoader:
             raise DataError(
                 f"data.pack_pairs must be one of {PACK_PAIRS} and data.too_long one of {TOO_LONG}"
             )
-        if dp_size < 1 or not 0 <= dp_rank < dp_size:
-            raise DataError(f"need 0 <= dp_rank < dp_size, got dp_rank={dp_rank} dp_size={dp_size}")
         self.datasets, self.kind = datasets, kinds.pop()
-        self.seed, self.dp_rank, self.dp_size = seed, dp_rank, dp_size
+        self.seed = seed
+        self.set_data_parallel(dp_rank, dp_size)
         self.pack_pairs, self.too_long, self.ranked = pack_pairs, too_long, ranked
         # Example e is document local[e] of dataset which[e].
         self.which = np.concatenate([np.full(ds.n_docs, i, np.int64) for i, ds in enumerate(datasets)])
@@ -296,8 +295,7 @@ class ExampleLoader:
     def set_data_parallel(self, dp_rank: int, dp_size: int) -> None:
         """Serve another data-parallel slice from the next call on (a mesh re-planned at a stage
         boundary): every rank packs the same global rows, so the position stays exact."""
-        if dp_size < 1 or not 0 <= dp_rank < dp_size:
-            raise DataError(f"need 0 <= dp_rank < dp_size, got dp_rank={dp_rank} dp_size={dp_size}")
+        check_dp_slice(dp_rank, dp_size)
         self.dp_rank, self.dp_size = dp_rank, dp_size
 
     # ------------------------------------------------------------------ resume

@@ -46,7 +46,7 @@ import torch
 
 from llama3hp.data.batch import Batch
 from llama3hp.data.blend import Blend, parse_dataset_spec, resolve_weights
-from llama3hp.data.errors import DataError
+from llama3hp.data.errors import DataError, check_dp_slice
 from llama3hp.data.examples import ExampleLoader
 from llama3hp.data.indices import DOC_SHUFFLE, SAMPLE_SHUFFLE, build_sample_idx, seeded_permutation
 from llama3hp.data.shards import TokenDataset
@@ -306,15 +306,14 @@ class PackedLoader:
         dp_rank: int = 0,
         dp_size: int = 1,
     ):
-        if dp_size < 1 or not 0 <= dp_rank < dp_size:
-            raise DataError(f"need 0 <= dp_rank < dp_size, got dp_rank={dp_rank} dp_size={dp_size}")
         if not isinstance(seed, int) or seed < 0:
             raise DataError(f"seed must be a non-negative int, got {seed!r}")
         if len(datasets) != len(weights) or not datasets:
             raise DataError("give at least one dataset and one weight per dataset")
         self.datasets = datasets
         self.weights = np.asarray(weights, dtype=np.float64)
-        self.seed, self.dp_rank, self.dp_size = seed, dp_rank, dp_size
+        self.seed = seed
+        self.set_data_parallel(dp_rank, dp_size)
         self._reset()
 
     def _reset(self) -> None:
@@ -326,8 +325,7 @@ class PackedLoader:
     def set_data_parallel(self, dp_rank: int, dp_size: int) -> None:
         """Serve another data-parallel slice from the next call on (a mesh re-planned at a stage
         boundary): the state is global, so the position stays exact."""
-        if dp_size < 1 or not 0 <= dp_rank < dp_size:
-            raise DataError(f"need 0 <= dp_rank < dp_size, got dp_rank={dp_rank} dp_size={dp_size}")
+        check_dp_slice(dp_rank, dp_size)
         self.dp_rank, self.dp_size = dp_rank, dp_size
 
     @property

@@ -116,6 +116,11 @@ class ChatMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+def dialog(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Checked chat messages as the chat format takes them ({"role", "content"} with text content)."""
+    return [{"role": m.role, "content": m.text()} for m in messages]
+
+
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: StrictInt | None = Field(None, ge=1)
@@ -126,7 +131,7 @@ class ChatRequest(_Common):
         return super().unsupported() or ("tools" if self.tools else None)
 
     def dialog(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        return dialog(self.messages)
 
 
 class ScoreRequest(BaseModel):
@@ -141,9 +146,7 @@ class ScoreRequest(BaseModel):
     system: str | None = None
 
     def prompt_messages(self) -> str | list[dict[str, str]]:
-        if isinstance(self.prompt, str):
-            return self.prompt
-        return [{"role": m.role, "content": m.text()} for m in self.prompt]
+        return self.prompt if isinstance(self.prompt, str) else dialog(self.prompt)
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code: int = 400):
