@@ -1,7 +1,7 @@
 """Runs every `benchmarks/bench_*.py` module in one process: python -m benchmarks.run_all [--quick] [--out DIR].
 
 Kernel benchmarks first, then the CPU workload ones (curation, the data path, rejection sampling,
-goodput under failures, checkpoint blocking).
+shared-prompt packing, goodput under failures, checkpoint blocking).
 
 Arguments are passed through to each benchmark's `main`. A failing benchmark is reported and the
 others still run; the exit status is non-zero if any failed.
@@ -22,6 +22,7 @@ WORKLOADS = (
     "benchmarks.bench_curate",
     "benchmarks.bench_data_path",
     "benchmarks.bench_rejection",
+    "benchmarks.bench_shared_prompt",
     "benchmarks.bench_goodput",
     "benchmarks.bench_checkpoint",
 )
