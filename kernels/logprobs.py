@@ -4,10 +4,11 @@ reward model read, `log softmax(hidden @ weight.T)[target]` per token, never hol
 `linear_logprobs(hidden [N, D], weight [V, D], targets [N])` returns fp32 log p(target) per token
 (0 where the target is `ignore_index`), or with `cu_seqlens` the sums over each sequence (packed
 rows and one sequence per row give the same sums). Under tensor parallelism `weight` is the rank's
-vocabulary shard [V_l, D] starting at `vocab_start` and `group` the TP group: the shards' partial
-log-sum-exps and target logits are combined with three all-reduces on [M] vectors, and the
-hidden-state gradient returned is this shard's part (the caller's gather sums it over TP, as for
-the vocab-parallel cross-entropy in `llama3hp.parallel.vocab_parallel`).
+vocabulary shard [V_l, D] starting at `vocab_start`, and `combine_shards` turns the shards' partial
+log-sum-exps and target logits into the whole vocabulary's (`llama3hp.parallel.vocab_parallel`
+passes three all-reduces on [M] vectors over the TP group: this module knows no process group). The
+hidden-state gradient returned is this shard's part (the caller's gather sums it over TP, as for the
+vocab-parallel cross-entropy).
 
 How (`LinearLogprobsFunction`):
 1. the rows whose target is ignored are dropped BEFORE any GEMM (a DPO batch's prompt tokens, an
@@ -30,8 +31,9 @@ V (local) vocabulary, S sequences.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from llama3hp.kernels.cross_entropy import DEFAULT_CHUNK_BYTES, accumulate_grad_weight, chunk_rows
@@ -142,29 +144,23 @@ def _chunk_grad_(
     return logits
 
 
-def _combine_shards(lse_l: torch.Tensor, t_logit: torch.Tensor, group) -> torch.Tensor:
-    """Global logsumexp [M] from the TP shards' (M = max over shards; lse = M + log sum exp(lse_r - M));
-    sums the target logits (each lies on one shard) in place."""
-    if group is None:
-        return lse_l
-    m = lse_l.clone()
-    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    s = torch.exp(lse_l - m)
-    dist.all_reduce(s, group=group)
-    dist.all_reduce(t_logit, group=group)
-    return m + torch.log(s)
+# (this shard's log-sum-exps [M], its target logits [M]) -> the global log-sum-exps [M], the target
+# logits summed over the shards in place (each target lies on one shard).
+CombineShards = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class LinearLogprobsFunction(torch.autograd.Function):
     """log p(target) [N] fp32 of `hidden [N, D] @ weight [V_l, D].T` (see the module docstring).
 
-    forward(hidden, weight, targets, ignore_index, vocab_start, group, chunk_rows, fused, mm_dtype):
+    forward(hidden, weight, targets, ignore_index, vocab_start, combine_shards, chunk_rows, fused, mm_dtype):
     GEMMs in mm_dtype with autocast off, forward and backward; gradients in the inputs' dtypes.
     """
 
     @staticmethod
     @autocast_off
-    def forward(ctx, hidden, weight, targets, ignore_index, vocab_start, group, rows, fused, mm_dtype):
+    def forward(
+        ctx, hidden, weight, targets, ignore_index, vocab_start, combine_shards, rows, fused, mm_dtype
+    ):
         keep = torch.nonzero(targets != ignore_index).squeeze(1)  # the rows left before any GEMM
         h = hidden.index_select(0, keep).to(mm_dtype)
         w = weight.to(mm_dtype)
@@ -176,7 +172,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
             e = min(s + rows, M)
             logits = h[s:e] @ w.T  # [C, V_l]: the only logits ever held
             lse_l[s:e], t_logit[s:e] = _chunk_stats(logits, local_t[s:e], fused)
-        lse = _combine_shards(lse_l, t_logit, group)
+        lse = lse_l if combine_shards is None else combine_shards(lse_l, t_logit)
         out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         out[keep] = t_logit - lse
         ctx.save_for_backward(hidden, weight, keep, local_t, lse)
@@ -234,14 +230,14 @@ def linear_logprobs(
     ignore_index: int = -100,
     cu_seqlens: torch.Tensor | None = None,
     vocab_start: int = 0,
-    group: dist.ProcessGroup | None = None,
+    combine_shards: CombineShards | None = None,
     chunk_size: int | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     backend: str = "auto",
 ) -> torch.Tensor:
     """log p(target) fp32 [N] (0 where ignored), or its sums over cu_seqlens [S] (see the module
     docstring). hidden [N, D]; weight [V, D], or under TP the shard [V_l, D] of rows [vocab_start,
-    vocab_start + V_l) with `group` the TP group; targets [N] int. chunk_size: rows per chunk
+    vocab_start + V_l) and `combine_shards` combining the shards; targets [N] int. chunk_size: rows per chunk
     (default: as many as keep one chunk's fp32 logits within chunk_bytes)."""
     check_backend(backend)
     if (
@@ -257,9 +253,9 @@ def linear_logprobs(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
     fused = use_triton(backend, hidden, weight, targets)
-    if backend == "torch" and group is None and vocab_start == 0:
+    if backend == "torch" and combine_shards is None and vocab_start == 0:
         return linear_logprobs_ref(hidden, weight, targets, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
-    if group is None and not targets.is_cuda:  # a host check is free here; on CUDA it would sync
+    if combine_shards is None and not targets.is_cuda:  # a host check is free here; on CUDA it would sync
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
         if bool(bad.any()):
             raise ValueError(
@@ -268,7 +264,7 @@ def linear_logprobs(
     mm_dtype = matmul_dtype(hidden)
     rows = chunk_size or chunk_rows(hidden.shape[0], weight.shape[0], 4, chunk_bytes)
     out = LinearLogprobsFunction.apply(
-        hidden.contiguous(), weight.contiguous(), targets.contiguous(), ignore_index, vocab_start, group,
+        hidden.contiguous(), weight.contiguous(), targets.contiguous(), ignore_index, vocab_start, combine_shards,
         max(1, rows), fused, mm_dtype,
     )  # fmt: skip
     return out if cu_seqlens is None else sequence_sums(out, cu_seqlens)

@@ -13,6 +13,8 @@ V_l local vocabulary shard, N = B*T.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -265,7 +267,7 @@ class ParallelHead(OutputHead):
         x = x.reshape(-1, x.shape[-1])
         return linear_logprobs(
             x, w, targets.reshape(-1), ignore_index=ignore_index, vocab_start=self.vocab_start,
-            group=self.tp.group, backend=self.backend,
+            combine_shards=functools.partial(combine_logprob_shards, group=self.tp.group), backend=self.backend,
         )  # fmt: skip
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -277,6 +279,18 @@ class ParallelHead(OutputHead):
 
     def reduce_documents(self, sums: torch.Tensor) -> torch.Tensor:
         return sums if self.cp_group is None else AllReduceSum.apply(sums, self.cp_group)
+
+
+def combine_logprob_shards(lse_l: torch.Tensor, t_logit: torch.Tensor, group) -> torch.Tensor:
+    """The fused log-probabilities' shard combination over TP (`kernels/logprobs.py`): the global
+    log-sum-exp [M] (m = max over shards; lse = m + log sum exp(lse_r - m)), and the target logits
+    summed in place (each lies on one shard). Three all-reduces on [M] vectors."""
+    m = lse_l.clone()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    s = torch.exp(lse_l - m)
+    dist.all_reduce(s, group=group)
+    dist.all_reduce(t_logit, group=group)
+    return m + torch.log(s)
 
 
 class ParallelRewardHead(RewardHead):
