@@ -166,9 +166,13 @@ def checkpoint_identity(path: str | Path) -> tuple[Any, str, str]:
                 f"checkpoint {path} names a tokenizer that cannot be loaded: {tok_path}"
             ) from None
         return model_args_from_dict(meta["model_args"]), tok.sha256, checkpoint_sha256(path)
-    from llama3hp.model.convert import load_hf, load_meta
+    from llama3hp.model.convert import args_from_hf_config, args_from_meta_params
 
-    args, _ = (load_hf if fmt == "hf" else load_meta)(path)
+    # The architecture from the folder's config alone: the weights are not read to check a pair.
+    config, read = (
+        ("config.json", args_from_hf_config) if fmt == "hf" else ("params.json", args_from_meta_params)
+    )
+    args = read(json.loads((Path(path) / config).read_text()))
     files = sorted(p for p in Path(path).iterdir() if p.suffix == ".json")
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()
     return args, Tokenizer.load().sha256, digest

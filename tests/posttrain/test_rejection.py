@@ -174,3 +174,28 @@ def test_policy_and_reward_with_different_tokenizers(ckpts, monkeypatch):
     monkeypatch.setattr(rejection, "checkpoint_identity", ident)
     with pytest.raises(RejectionError, match="different tokenizers"):
         rejection.check_pair(ckpts["policy"], ckpts["reward"])
+
+
+def test_hf_and_meta_identities_come_from_their_configs_not_their_weights(tmp_path, monkeypatch):
+    """Checking a policy/reward pair reads config.json / params.json only: an 8B's weights are not loaded."""
+    from llama3hp.model import convert
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=64, ffn_dim_multiplier=None,
+                     max_seq_len=128)  # fmt: skip
+    model = Transformer(args)
+    model.init_weights(0)
+    convert.save_hf(model.state_dict(), args, tmp_path / "hf")
+    convert.save_meta(model.state_dict(), args, tmp_path / "meta")
+    want = {
+        name: load(tmp_path / name)[0]
+        for name, load in (("hf", convert.load_hf), ("meta", convert.load_meta))
+    }
+
+    def no_weights(*a, **k):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(convert, "load_hf", no_weights)
+    monkeypatch.setattr(convert, "load_meta", no_weights)
+    for name in ("hf", "meta"):
+        got, _, digest = rejection.checkpoint_identity(tmp_path / name)
+        assert got == want[name] and len(digest) == 64
